@@ -1,0 +1,341 @@
+"""The ``hf`` engine: batched generation and scoring with transformers on CPU or GPU.
+
+Why a hand-written decode loop instead of ``model.generate``: a tree search needs (1) per-row seeded
+sampling, so a conversation's tokens do not depend on which other conversations share its batch (resume
+and shard-independence rely on it), (2) rows leaving the batch as soon as they finish (their KV cache rows
+are dropped, so a batch of mixed-length utterances does not pay for its longest member), and (3) stop
+strings checked per row. The model forward, the KV cache and the adapters are transformers' and PEFT's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from dits.engine.base import Completion, Engine, SamplingParams, ScoredCompletion, View
+from dits.ledger import Ledger
+from dits.models import load_model_and_tokenizer
+from dits.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    """One sequence to decode: a prompt, its own RNG seed, and what it has produced so far."""
+
+    view_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    seed: int
+    out_ids: list[int] = field(default_factory=list)
+    finish: str = "length"
+    steps: int = 0
+    text: str = ""
+
+
+class HFEngine(Engine):
+    """One base model, optional PEFT LoRA adapters, batched generate/score, charging ``ledger``.
+
+    ``token_budget`` bounds a micro-batch by rows × (longest prompt + new tokens), which bounds the KV cache;
+    ``max_batch`` bounds rows. Rows are sorted by prompt length first (length bucketing) so padding is small.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        *,
+        device: str | None = None,
+        dtype: str = "float32",
+        token_budget: int = 32768,
+        max_batch: int = 64,
+        score_token_budget: int = 8192,
+        ledger: Ledger | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = getattr(torch, dtype)
+        self.base, self.tokenizer = load_model_and_tokenizer(
+            model, dtype=torch_dtype, device=self.device, trust_remote_code=trust_remote_code
+        )
+        self.model_ref = model
+        self.model: torch.nn.Module = self.base
+        self.token_budget = token_budget
+        self.max_batch = max_batch
+        self.score_token_budget = score_token_budget
+        self.params = sum(p.numel() for p in self.base.parameters())
+        self.ledger = ledger or Ledger(params=self.params)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.eos_ids = {
+            i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if i is not None
+        }
+        self.eos_ids.discard(tok.unk_token_id)
+        self._active: str | None = None
+        # transformers renamed past_key_values -> cache (5.2x); accept both so older 5.x still works.
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+        )
+        self._prompt_cache: OrderedDict[str, list[int]] = OrderedDict()
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode_view(self, view: View, prefix: str = "") -> list[int]:
+        """Token ids of the chat-templated view with the generation header and forced ``prefix``."""
+        key = json.dumps([view, prefix])
+        ids = self._prompt_cache.get(key)
+        if ids is None:
+            text = self.tokenizer.apply_chat_template(list(view), add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
+            self._prompt_cache[key] = ids
+            if len(self._prompt_cache) > 20000:
+                self._prompt_cache.popitem(last=False)
+        else:
+            self._prompt_cache.move_to_end(key)
+        return list(ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name)
+        self.model.eval()
+
+    def add_adapter(self, name: str, config) -> None:  # config: peft.LoraConfig
+        """Create a fresh (trainable) adapter in memory, e.g. for training or an influence probe."""
+        from peft import PeftModel, get_peft_model
+
+        if isinstance(self.model, PeftModel):
+            self.model.add_adapter(name, config)
+        else:
+            self.model = get_peft_model(self.base, config, adapter_name=name)
+
+    def set_adapter(self, name: str | None) -> None:
+        from peft import PeftModel
+
+        if name is not None:
+            if not isinstance(self.model, PeftModel) or name not in self.model.peft_config:
+                known = list(self.model.peft_config) if isinstance(self.model, PeftModel) else []
+                raise KeyError(f"unknown adapter {name!r}; loaded adapters: {known}")
+            self.model.set_adapter(name)
+        self._active = name
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def _adapter_context(self) -> AbstractContextManager[object]:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel) and self._active is None:
+            return self.model.disable_adapter()
+        return nullcontext()
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(
+        self, views: Sequence[View], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
+        """``sampling.n`` completions per view. Row seeds come from ``seeds[i]`` (per view) when given, so a
+        caller can make each conversation's randomness independent of the batch it lands in."""
+        if seeds is not None and len(seeds) != len(views):
+            raise ValueError(f"got {len(seeds)} seeds for {len(views)} views")
+        n_draw = 1 if sampling.greedy else sampling.n
+        rows: list[_Row] = []
+        for i, view in enumerate(views):
+            ids = self.encode_view(view, sampling.prefix)
+            base = seeds[i] if seeds is not None else derive_seed(sampling.seed, i)
+            for k in range(n_draw):
+                rows.append(_Row(i, k, ids, derive_seed(base, k)))
+        order = sorted(rows, key=lambda r: len(r.prompt_ids))
+        with torch.inference_mode(), self._adapter_context():
+            for batch in self._micro_batches(order, sampling.max_new_tokens, self.token_budget):
+                self._decode(batch, sampling)
+        out: list[list[Completion]] = [[] for _ in views]
+        for r in rows:
+            c = Completion(r.text, r.out_ids, len(r.prompt_ids), len(r.out_ids), r.finish, r.steps)  # type: ignore[arg-type]
+            out[r.view_index].append(c)
+        if sampling.greedy and sampling.n > 1:
+            out = [[c] * sampling.n for (c,) in out]
+        return out
+
+    def _micro_batches(self, rows: list[_Row], extra: int, budget: int) -> Iterator[list[_Row]]:
+        batch: list[_Row] = []
+        for r in rows:  # ascending length: the newest row is the longest
+            if batch and (
+                (len(batch) + 1) * (len(r.prompt_ids) + extra) > budget or len(batch) >= self.max_batch
+            ):
+                yield batch
+                batch = []
+            batch.append(r)
+        if batch:
+            yield batch
+
+    def _decode(self, batch: list[_Row], sampling: SamplingParams) -> None:
+        dev = self.device
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, r in enumerate(batch):
+            ids[j, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            attn[j, width - len(r.prompt_ids) :] = 1
+        ids, attn = ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        gens = [torch.Generator().manual_seed(r.seed) for r in batch]
+        alive = list(range(len(batch)))
+        cache = DynamicCache()
+        logits = self.model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1, **{self._cache_kw: cache}
+        ).logits[:, -1, :]
+        next_pos = pos[:, -1]
+        self.ledger.charge(prompt_tokens=sum(len(r.prompt_ids) for r in batch))
+        generated = 0
+        for _step in range(sampling.max_new_tokens):
+            toks = self._choose(logits, [gens[j] for j in alive], sampling)
+            generated += len(alive)
+            keep: list[int] = []
+            for slot, j in enumerate(alive):
+                r, t = batch[j], int(toks[slot])
+                r.steps += 1
+                if t in self.eos_ids:
+                    r.finish = "stop"
+                    continue
+                r.out_ids.append(t)
+                if sampling.stop and self._hit_stop(r, sampling.stop):
+                    r.finish = "stop"
+                    continue
+                if len(r.out_ids) < sampling.max_new_tokens:
+                    keep.append(slot)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                attn, next_pos, toks = attn[sel], next_pos[sel], toks[sel]
+                alive = [alive[s] for s in keep]
+            attn = torch.cat([attn, attn.new_ones((len(alive), 1))], dim=1)
+            next_pos = next_pos + 1
+            logits = self.model(
+                input_ids=toks[:, None].to(dev),
+                attention_mask=attn,
+                position_ids=next_pos[:, None],
+                **{self._cache_kw: cache},
+            ).logits[:, -1, :]
+        self.ledger.charge(generated_tokens=generated)
+        for r in batch:
+            text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
+            if sampling.stop:
+                cut = min((i for i in (text.find(s) for s in sampling.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, r.finish = text[:cut], "stop"
+            r.text = text
+
+    def _hit_stop(self, r: _Row, stops: tuple[str, ...]) -> bool:
+        tail = self.tokenizer.decode(r.out_ids[-16:], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, gens: list[torch.Generator], sampling: SamplingParams) -> torch.Tensor:
+        """Greedy argmax, or temperature + nucleus sampling with one uniform draw per row from its own RNG."""
+        logits = logits.float()
+        if sampling.greedy:
+            return logits.argmax(-1).cpu()
+        probs = torch.softmax(logits / sampling.temperature, dim=-1).cpu()
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        if sampling.top_p < 1.0:
+            before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+            sorted_p = sorted_p.masked_fill(before >= sampling.top_p, 0.0)
+        cdf = sorted_p.cumsum(-1)
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens]).float()
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
+        return idx.gather(-1, pick).squeeze(-1)
+
+    # ------------------------------------------------------------------ score
+
+    def score(
+        self, views: Sequence[View], completions: Sequence[str], prefix: str = ""
+    ) -> list[ScoredCompletion]:
+        """Per-token log-probs of each completion's tokens (tokenised on its own, no end-of-turn token)."""
+        if len(views) != len(completions):
+            raise ValueError(f"got {len(completions)} completions for {len(views)} views")
+        with torch.inference_mode(), self._adapter_context():
+            return self.score_tensors(views, completions, prefix)
+
+    def tokenize_pairs(
+        self, views: Sequence[View], completions: Sequence[str], prefix: str = ""
+    ) -> list[tuple[list[int], list[int]]]:
+        return [
+            (self.encode_view(v, prefix), self.tokenizer(c, add_special_tokens=False)["input_ids"])
+            for v, c in zip(views, completions, strict=True)
+        ]
+
+    def score_tensors(
+        self, views: Sequence[View], completions: Sequence[str], prefix: str = "", *, keep_graph: bool = False
+    ) -> list[ScoredCompletion]:
+        """Scoring core; with ``keep_graph`` each result also carries a differentiable ``tensor`` of
+        log-probs (used by the gradient influence estimator). Grad mode and adapters are the caller's."""
+        pairs = self.tokenize_pairs(views, completions, prefix)
+        rows = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        out: list[ScoredCompletion | None] = [None] * len(pairs)
+        batch: list[int] = []
+
+        def flush() -> None:
+            for i, sc in zip(batch, self._score_batch([pairs[i] for i in batch], keep_graph), strict=True):
+                out[i] = sc
+            batch.clear()
+
+        for i in rows:
+            width = len(pairs[i][0]) + len(pairs[i][1])
+            if batch and ((len(batch) + 1) * width > self.score_token_budget or len(batch) >= self.max_batch):
+                flush()
+            batch.append(i)
+        if batch:
+            flush()
+        return [o for o in out if o is not None]
+
+    def _score_batch(
+        self, pairs: list[tuple[list[int], list[int]]], keep_graph: bool
+    ) -> list[ScoredCompletion]:
+        """Left-padded so every completion ends at the last position: only the last ``max_c + 1`` positions'
+        logits are materialised (vocab-sized logits for whole prompts would dominate memory)."""
+        seqs = [p + c for p, c in pairs]
+        width = max(len(s) for s in seqs)
+        max_c = max(len(c) for _, c in pairs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, width - len(s) :] = torch.tensor(s)
+            attn[j, width - len(s) :] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        results: list[ScoredCompletion] = []
+        if max_c == 0:
+            return [ScoredCompletion([], []) for _ in pairs]
+        logits = self.model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=max_c + 1
+        ).logits
+        logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # predicts the last max_c tokens
+        targets = ids[:, width - max_c :]
+        tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        self.ledger.charge(
+            prompt_tokens=sum(len(p) for p, _ in pairs), scored_tokens=sum(len(c) for _, c in pairs)
+        )
+        for j, (_, c) in enumerate(pairs):
+            lp = tok_lp[j, max_c - len(c) :]
+            results.append(ScoredCompletion(list(c), lp.detach().cpu().tolist(), lp if keep_graph else None))
+        return results

@@ -1,0 +1,123 @@
+"""The hf engine against independent computations: plain transformers forwards, batch-1 runs, PEFT."""
+
+from __future__ import annotations
+
+import torch
+
+from dits.engine.base import SamplingParams
+from dits.ledger import Ledger
+
+VIEWS = [
+    [{"role": "user", "content": "What is 2+3?"}],
+    [
+        {"role": "system", "content": "You are Alice. Answer inside <A></A> tags and be brief about it."},
+        {
+            "role": "user",
+            "content": "Where does Zorvath live? Note: Zorvath lives in Melbrook, a small town.",
+        },
+    ],
+    [{"role": "user", "content": "Name a colour."}],
+]
+
+
+def test_batched_greedy_equals_batch_of_one(engine):
+    sp = SamplingParams(max_new_tokens=20)
+    batched = [c[0].token_ids for c in engine.generate(VIEWS, sp)]
+    single = [engine.generate([v], sp)[0][0].token_ids for v in VIEWS]
+    assert len({len(engine.encode_view(v)) for v in VIEWS}) == 3  # really different lengths: padding is used
+    assert batched == single
+
+
+def test_greedy_matches_plain_transformers_generate(engine):
+    ids = torch.tensor([engine.encode_view(VIEWS[1])])
+    with torch.inference_mode():
+        ref = engine.base.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+        )
+    ours = engine.generate([VIEWS[1]], SamplingParams(max_new_tokens=12))[0][0]
+    assert ours.token_ids == [t for t in ref[0, ids.shape[1] :].tolist() if t not in engine.eos_ids]
+
+
+def test_score_equals_manual_forward(engine):
+    completions = ["The answer is <A>5</A>.", "Melbrook", "Blue is nice"]
+    scored = engine.score(VIEWS, completions)
+    for view, comp, sc in zip(VIEWS, completions, scored, strict=True):
+        p = engine.encode_view(view)
+        c = engine.tokenizer(comp, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = engine.base(torch.tensor([p + c])).logits[0]
+        lp = torch.log_softmax(logits.float(), -1)
+        manual = [lp[len(p) - 1 + k, t].item() for k, t in enumerate(c)]
+        assert sc.token_ids == c
+        assert torch.allclose(torch.tensor(sc.logprobs), torch.tensor(manual), atol=1e-4)
+
+
+def test_sampling_is_seeded_per_row_and_independent_of_batch(engine):
+    sp = SamplingParams(n=2, temperature=0.9, max_new_tokens=12, seed=3)
+    a = engine.generate(VIEWS, sp, seeds=[11, 12, 13])
+    b = engine.generate([VIEWS[1]], sp, seeds=[12])
+    c = engine.generate(VIEWS, SamplingParams(n=2, temperature=0.9, max_new_tokens=12), seeds=[11, 99, 13])
+    assert [x.token_ids for x in a[1]] == [x.token_ids for x in b[0]]
+    assert [x.token_ids for x in a[1]] != [x.token_ids for x in c[1]]
+    assert a[1][0].token_ids != a[1][1].token_ids  # the n samples differ from each other
+
+
+def test_tiny_top_p_is_greedy(engine):
+    greedy = engine.generate(VIEWS, SamplingParams(max_new_tokens=10))
+    nucleus = engine.generate(VIEWS, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=10, seed=5))
+    assert [g[0].token_ids for g in greedy] == [s[0].token_ids for s in nucleus]
+
+
+def test_stop_strings_cut_the_text(engine):
+    full = engine.generate([VIEWS[0]], SamplingParams(max_new_tokens=20))[0][0]
+    word = full.text.split()[2]
+    cut = engine.generate([VIEWS[0]], SamplingParams(max_new_tokens=20, stop=(word,)))[0][0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(word)]
+
+
+def test_ledger_counts_equal_tokens_processed(engine):
+    engine.ledger = Ledger(params=engine.params)
+    sp = SamplingParams(n=2, temperature=0.7, max_new_tokens=9)
+    out = engine.generate(VIEWS, sp)
+    completions = ["yes", "no way", "<A>5</A>"]
+    engine.score(VIEWS, completions)
+    c = engine.ledger.counts
+    prompt_gen = sum(len(engine.encode_view(v)) for v in VIEWS) * 2
+    prompt_score = sum(len(engine.encode_view(v)) for v in VIEWS)
+    assert c.prompt_tokens == prompt_gen + prompt_score
+    assert c.generated_tokens == sum(x.generated_tokens for o in out for x in o)
+    assert all(x.generated_tokens in (x.completion_tokens, x.completion_tokens + 1) for o in out for x in o)
+    assert c.scored_tokens == sum(engine.count_tokens(t) for t in completions)
+    assert engine.ledger.flops() == 2 * engine.params * (
+        c.prompt_tokens + c.generated_tokens + c.scored_tokens
+    )
+
+
+def test_zero_adapter_is_identity_and_nonzero_changes(engine, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=True)
+    peft_model = get_peft_model(engine.base, cfg, adapter_name="tmp")
+    peft_model.save_pretrained(tmp_path / "zero", selected_adapters=["tmp"])
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(tmp_path / "big", selected_adapters=["tmp"])
+    base_model = peft_model.unload()  # remove the LoRA layers again; the engine's base stays clean
+    assert base_model is engine.base
+
+    sp = SamplingParams(max_new_tokens=16)
+    engine.set_adapter(None)
+    base_out = [c[0].token_ids for c in engine.generate(VIEWS, sp)]
+    base_score = engine.score(VIEWS[:1], ["The answer is 5"])[0].logprobs
+    engine.load_adapter("zero", str(tmp_path / "zero" / "tmp"))
+    engine.load_adapter("big", str(tmp_path / "big" / "tmp"))
+    engine.set_adapter("zero")
+    assert [c[0].token_ids for c in engine.generate(VIEWS, sp)] == base_out
+    assert engine.score(VIEWS[:1], ["The answer is 5"])[0].logprobs == base_score
+    engine.set_adapter("big")
+    assert engine.score(VIEWS[:1], ["The answer is 5"])[0].logprobs != base_score
+    engine.set_adapter(None)
+    assert [c[0].token_ids for c in engine.generate(VIEWS, sp)] == base_out
