@@ -6,9 +6,12 @@ Python's ``hash()`` is salted per process, so it must never seed anything that h
 from __future__ import annotations
 
 import hashlib
+import json
 
 
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any printable parts (ints, strings)."""
-    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+def derive_seed(*parts: object, bits: int = 31) -> int:
+    """A seed from JSON-able parts through SHA-256.
+
+    31 bits by default so that every backend (numpy, torch, vLLM) accepts it as is."""
+    digest = hashlib.sha256(json.dumps(list(parts), separators=(",", ":")).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> (64 - bits)
