@@ -20,6 +20,20 @@ VIEWS = [
 ]
 
 
+def test_shared_prefix_reuse_is_exact(engine):
+    """Rows sharing a long prefix (same system prompt) reuse its KV; results equal batch-1 runs."""
+    system = {"role": "system", "content": "You are Alice. Answer inside <A></A> tags. " * 4}
+    views = [
+        [system, {"role": "user", "content": q}] for q in ("Where is Melbrook?", "What is 7+8? Be brief.")
+    ]
+    before = engine.ledger.snapshot()
+    batched = [c[0].token_ids for c in engine.generate(views, SamplingParams(max_new_tokens=12))]
+    spent = engine.ledger.snapshot() - before
+    shared = len(engine.encode_view([system]))  # at least the system turn is common
+    assert spent.cached_tokens >= shared - 8
+    assert batched == [engine.generate([v], SamplingParams(max_new_tokens=12))[0][0].token_ids for v in views]
+
+
 def test_batched_greedy_equals_batch_of_one(engine):
     sp = SamplingParams(max_new_tokens=20)
     batched = [c[0].token_ids for c in engine.generate(VIEWS, sp)]

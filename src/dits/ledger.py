@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-COUNTERS = ("prompt_tokens", "generated_tokens", "scored_tokens", "trained_tokens")
+COUNTERS = ("prompt_tokens", "cached_tokens", "generated_tokens", "scored_tokens", "trained_tokens")
 
 
 @dataclass
@@ -19,6 +19,8 @@ class LedgerCounts:
     """Token counts by kind, and the number of engine calls that produced them."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose KV was reused from a shared prefix instead of recomputed (no FLOPs)."""
     generated_tokens: int = 0
     scored_tokens: int = 0
     trained_tokens: int = 0
@@ -46,6 +48,7 @@ class Ledger:
         self,
         *,
         prompt_tokens: int = 0,
+        cached_tokens: int = 0,
         generated_tokens: int = 0,
         scored_tokens: int = 0,
         trained_tokens: int = 0,
@@ -54,6 +57,7 @@ class Ledger:
         c = self.counts
         assert c is not None
         c.prompt_tokens += prompt_tokens
+        c.cached_tokens += cached_tokens
         c.generated_tokens += generated_tokens
         c.scored_tokens += scored_tokens
         c.trained_tokens += trained_tokens
@@ -66,7 +70,7 @@ class Ledger:
     def flops(self, counts: LedgerCounts | None = None) -> float:
         c = counts or self.counts
         assert c is not None
-        forward = c.prompt_tokens + c.generated_tokens + c.scored_tokens
+        forward = c.prompt_tokens - c.cached_tokens + c.generated_tokens + c.scored_tokens
         return 2.0 * self.params * forward + 6.0 * self.params * c.trained_tokens
 
     def to_dict(self, counts: LedgerCounts | None = None) -> dict[str, float | int]:

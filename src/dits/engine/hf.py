@@ -27,6 +27,8 @@ from dits.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
+_GROUP_KEY_TOKENS = 48
+
 
 @dataclass
 class _Row:
@@ -162,7 +164,9 @@ class HFEngine(Engine):
             base = seeds[i] if seeds is not None else derive_seed(sampling.seed, i)
             for k in range(n_draw):
                 rows.append(_Row(i, k, ids, derive_seed(base, k)))
-        order = sorted(rows, key=lambda r: len(r.prompt_ids))
+        # Rows with the same leading tokens (same system prompt) go together so they share a prefix KV;
+        # within a group, ascending length keeps padding small.
+        order = sorted(rows, key=lambda r: (r.prompt_ids[:_GROUP_KEY_TOKENS], len(r.prompt_ids)))
         with torch.inference_mode(), self._adapter_context():
             for batch in self._micro_batches(order, sampling.max_new_tokens, self.token_budget):
                 self._decode(batch, sampling)
@@ -188,22 +192,35 @@ class HFEngine(Engine):
 
     def _decode(self, batch: list[_Row], sampling: SamplingParams) -> None:
         dev = self.device
-        width = max(len(r.prompt_ids) for r in batch)
+        cache = DynamicCache()
+        shared = self._shared_prefix(batch)
+        if shared:
+            # Prefix reuse: rows that start with the same tokens (system prompt, worked example, task) have
+            # its KV computed once and repeated across the batch. The padding then sits between the shared
+            # prefix and each row's own suffix; the attention mask and position ids account for it.
+            self.model(
+                input_ids=torch.tensor([batch[0].prompt_ids[:shared]], device=dev), **{self._cache_kw: cache}
+            )
+            cache.batch_repeat_interleave(len(batch))
+        suffixes = [r.prompt_ids[shared:] for r in batch]
+        width = max(len(x) for x in suffixes)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, r in enumerate(batch):
-            ids[j, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            attn[j, width - len(r.prompt_ids) :] = 1
+        attn = torch.zeros((len(batch), shared + width), dtype=torch.long)
+        attn[:, :shared] = 1
+        for j, x in enumerate(suffixes):
+            ids[j, width - len(x) :] = torch.tensor(x)
+            attn[j, shared + width - len(x) :] = 1
         ids, attn = ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        pos = ((attn.cumsum(-1) - 1).clamp(min=0))[:, shared:]
         gens = [torch.Generator().manual_seed(r.seed) for r in batch]
         alive = list(range(len(batch)))
-        cache = DynamicCache()
         logits = self.model(
             input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1, **{self._cache_kw: cache}
         ).logits[:, -1, :]
         next_pos = pos[:, -1]
-        self.ledger.charge(prompt_tokens=sum(len(r.prompt_ids) for r in batch))
+        self.ledger.charge(
+            prompt_tokens=sum(len(r.prompt_ids) for r in batch), cached_tokens=shared * (len(batch) - 1)
+        )
         generated = 0
         for _step in range(sampling.max_new_tokens):
             toks = self._choose(logits, [gens[j] for j in alive], sampling)
@@ -244,6 +261,21 @@ class HFEngine(Engine):
                 if cut >= 0:
                     text, r.finish = text[:cut], "stop"
             r.text = text
+
+    @staticmethod
+    def _shared_prefix(batch: list[_Row], minimum: int = 16) -> int:
+        """Length of the token prefix all rows share (at least one token is left to each row's suffix)."""
+        if len(batch) < 2:
+            return 0
+        first = batch[0].prompt_ids
+        n = min(len(r.prompt_ids) for r in batch) - 1
+        for r in batch[1:]:
+            ids = r.prompt_ids
+            k = 0
+            while k < n and ids[k] == first[k]:
+                k += 1
+            n = k
+        return n if n >= minimum else 0
 
     def _hit_stop(self, r: _Row, stops: tuple[str, ...]) -> bool:
         tail = self.tokenizer.decode(r.out_ids[-16:], skip_special_tokens=True)

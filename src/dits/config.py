@@ -1,0 +1,112 @@
+"""The typed run configuration: one YAML file, validated with messages that name the bad key.
+
+Each stage reads only its own section; sections are small pydantic models so a typo ("explor: 8") or a
+bad value ("backend: tpu") fails at load time with the dotted key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dits.mas.protocol import ProtocolConfig
+from dits.reward import RewardConfig
+from dits.search.mcts import SearchConfig
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message lists every bad key with what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    model: str = "smollm2-135m"
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    token_budget: int = Field(32768, ge=256)
+    max_batch: int = Field(64, ge=1)
+    trust_remote_code: bool = False
+
+
+class TaskConfig(_Section):
+    """Which dataset and how many tasks of each split. ``path`` is a local file/dir in the original format."""
+
+    dataset: str = "facts"
+    path: str | None = None
+    seed: int = 0
+    train: int = Field(32, ge=0)
+    dev: int = Field(16, ge=0, description="validation tasks (influence); disjoint from train and test")
+    test: int = Field(32, ge=0)
+    knobs: dict[str, Any] = Field(default_factory=dict, description="difficulty knobs of built-in tasks")
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    engine: EngineConfig = EngineConfig()
+    task: TaskConfig = TaskConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
+    reward: RewardConfig = RewardConfig()
+    search: SearchConfig = SearchConfig()
+    rollout: SamplingConfig = SamplingConfig()
+
+    def digest(self, *sections: str) -> str:
+        """A short hash of the named sections (all if none): what decides whether an artifact is stale."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {k: data[k] for k in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            lines.append(f"  {key}: {e['input']!r} is not allowed; allowed values: {allowed}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read YAML, apply dotted ``overrides`` (``{"search.explore": 4}``), validate."""
+    p = Path(path)
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_config(data, str(p))
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

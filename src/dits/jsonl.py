@@ -1,0 +1,70 @@
+"""Append-only JSONL files that survive a kill: whole lines or nothing, torn tails repaired on read."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def append_jsonl(path: str | Path, records: Iterable[BaseModel]) -> None:
+    """Append records as one line each, then fsync: a finished append survives a crash."""
+    lines = "".join(r.model_dump_json() + "\n" for r in records)
+    if not lines:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a", encoding="utf-8") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path, model: type[M], *, repair: bool = True) -> list[M]:
+    """Read records; a torn last line (a kill mid-write) is cut off the file when ``repair`` is set.
+
+    A malformed line anywhere else is an error naming the file and line: that is corruption, not a kill.
+    """
+    p = Path(path)
+    if not p.exists():
+        return []
+    data = p.read_bytes()
+    out: list[M] = []
+    good_end = 0
+    pos = 0
+    for lineno, raw in enumerate(data.splitlines(keepends=True), start=1):
+        pos += len(raw)
+        complete = raw.endswith(b"\n")
+        try:
+            out.append(model.model_validate_json(raw))
+        except ValueError as err:
+            if not complete:
+                break
+            raise ValueError(f"{p}:{lineno}: malformed {model.__name__} record: {err}") from None
+        if not complete:  # parsed, but the newline never made it: rewrite it on repair
+            good_end = -1
+            break
+        good_end = pos
+    if repair and good_end != len(data):
+        with p.open("r+b") as f:
+            if good_end == -1:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            else:
+                f.truncate(good_end)
+    return out
+
+
+def write_json_atomic(path: str | Path, obj: object) -> None:
+    """Write JSON to a temporary name, then rename: readers see the old or the new file, never half."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, p)

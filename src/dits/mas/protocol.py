@@ -1,0 +1,136 @@
+"""The two-agent protocol: roles, prompts, and the ONE renderer of what an agent sees.
+
+Generation, SFT rows, DPO prompts, log-prob scoring and evaluation all build views with
+:func:`render_view`, so a model is trained on exactly the context layout it is later run with (the
+reference implementations rendered contexts one way at inference and another in training data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dits.engine.base import Message, View
+from dits.tasks.example import AGENTS, Example
+
+
+class ProtocolConfig(BaseModel):
+    """How the agents talk. Defaults are DESIGN.md section 4's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_turns: int = Field(10, ge=1, description="turn limit; hitting it scores the transcript as a failure")
+    max_new_tokens: int = Field(64, ge=1, description="an utterance is cut at this many tokens")
+    turn_prefix: bool = Field(False, description="force '<Name>:' at the start of every utterance")
+    fallback_parse: bool = Field(
+        True,
+        description="when an utterance has no <A></A> tag, parse a final answer from plain text "
+        "(tasks.answers.fallback_answer); only agents whose role gives answers are parsed",
+    )
+    worked_example: bool = Field(True, description="show a short worked conversation in the system prompt")
+
+
+_EXCHANGE_RULES = (
+    "You are {me}. You and {other} answer a question together. Each of you has private notes that the "
+    "other cannot see. Tell {other} the facts from your notes that matter, in one or two short sentences. "
+    "When you know the answer, write it as <A>answer</A>."
+)
+_EXCHANGE_EXAMPLE = (
+    "Example:\n"
+    "Question: In which country does Kelo live?\n"
+    "Alice's notes: Kelo lives in Varn.\n"
+    "Bob's notes: Varn is a town in Dusland.\n"
+    "Alice: My notes say Kelo lives in Varn. Where is Varn?\n"
+    "Bob: Varn is in Dusland. So the answer is <A>Dusland</A>.\n"
+    "Alice: <A>Dusland</A>"
+)
+_SOLVER_RULES = (
+    "You are {me}. Solve the problem step by step in a few short lines. {other} checks your work. "
+    "End with the final answer as {fmt}. If {other} finds a mistake, fix it and give the answer again."
+)
+_CRITIC_RULES = (
+    "You are {me}. {other} solves the problem. Check each step of {other}'s reasoning. Point out any "
+    "mistake briefly. Do not give the final answer yourself. If every step is right, say that it is right."
+)
+_DEBATE_EXAMPLE = (
+    "Example:\n"
+    "Problem: Tom has 3 bags with 4 apples each. He eats 2. How many apples are left?\n"
+    "Alice: 3 bags of 4 is 3 * 4 = 12. He eats 2, so 12 - 2 = 10. {ans10}\n"
+    "Bob: 3 * 4 = 12 is right and 12 - 2 = 10 is right.\n"
+    "Alice: {ans10}"
+)
+
+
+def answer_format(example: Example) -> str:
+    return r"\boxed{answer}" if example.metric == "math" else "<A>answer</A>"
+
+
+def gives_answers(example: Example, speaker: int) -> bool:
+    """Whose utterances are parsed for a final answer: both agents in exchange, only the solver in debate."""
+    return example.mode == "exchange" or speaker == 0
+
+
+def system_prompt(example: Example, speaker: int, cfg: ProtocolConfig) -> str:
+    me, other = AGENTS[speaker], AGENTS[1 - speaker]
+    if example.mode == "exchange":
+        rules, demo = _EXCHANGE_RULES.format(me=me, other=other), _EXCHANGE_EXAMPLE
+    else:
+        fmt = answer_format(example)
+        rules = (_SOLVER_RULES if speaker == 0 else _CRITIC_RULES).format(me=me, other=other, fmt=fmt)
+        ans10 = r"\boxed{10}" if example.metric == "math" else "<A>10</A>"
+        demo = _DEBATE_EXAMPLE.format(ans10=ans10)
+    return f"{rules}\n\n{demo}" if cfg.worked_example else rules
+
+
+def task_message(example: Example, speaker: int) -> str:
+    """The first user message: the question, the options, and this agent's private notes."""
+    label = "Question" if example.mode == "exchange" else "Problem"
+    lines = [f"{label}: {example.question}"]
+    if example.choices:
+        lines += [f"{chr(65 + i)}. {c}" for i, c in enumerate(example.choices)]
+    if example.mode == "exchange":
+        notes = example.contexts[speaker].strip() or "(none)"
+        lines.append(f"Your notes:\n{notes}")
+    return "\n".join(lines)
+
+
+def speaker_of(turn_index: int) -> int:
+    """Alice (0) speaks first; they alternate."""
+    return turn_index % 2
+
+
+def render_view(example: Example, turns: Sequence[str], speaker: int, cfg: ProtocolConfig) -> View:
+    """What ``speaker`` sees before taking the next turn after ``turns``.
+
+    Layout: system (role, rules, worked example), then one user message with the task and the agent's
+    notes, then the conversation with the agent's own turns as ``assistant`` and the partner's as ``user``.
+    The partner's turns that come before the agent's first turn are appended to the task message, so
+    roles strictly alternate (some chat templates require it).
+    """
+    if len(turns) % 2 != speaker:
+        turn_of = AGENTS[speaker_of(len(turns))]
+        raise ValueError(f"after {len(turns)} turns it is {turn_of}'s turn, not {AGENTS[speaker]}'s")
+    other = AGENTS[1 - speaker]
+    msgs: list[Message] = [{"role": "system", "content": system_prompt(example, speaker, cfg)}]
+    user = task_message(example, speaker)
+    for i, text in enumerate(turns):
+        if speaker_of(i) == speaker:
+            msgs.append({"role": "user", "content": user})
+            msgs.append({"role": "assistant", "content": _with_prefix(text, speaker, cfg)})
+            user = ""
+        else:
+            line = f"{other}: {text}"
+            user = f"{user}\n\n{line}" if user else line
+    msgs.append({"role": "user", "content": user})
+    return msgs
+
+
+def turn_prefix(speaker: int, cfg: ProtocolConfig) -> str:
+    """Text forced at the start of the agent's turn (part of the prompt, not of the utterance)."""
+    return f"{AGENTS[speaker]}:" if cfg.turn_prefix else ""
+
+
+def _with_prefix(text: str, speaker: int, cfg: ProtocolConfig) -> str:
+    prefix = turn_prefix(speaker, cfg)
+    return f"{prefix}{text}" if prefix else text

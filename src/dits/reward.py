@@ -1,0 +1,114 @@
+"""The Optima reward of a transcript (DESIGN.md section 5).
+
+``R = R_task + λ_tok · T / T_norm + λ_read / max_i NLL_i`` with T the communication tokens, ``T_norm`` a high
+percentile of T over a calibration sample, and ``NLL_i`` the mean per-token negative log-likelihood of
+utterance i under the frozen initial model. Penalties: T ≤ 40 or an utterance cut at the token limit → the
+token term is −1; a repeated utterance → the readability term is 0; an utterance that speaks for both
+agents → the task term is 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from dits.engine.base import Engine
+from dits.mas.dialogue import Transcript, speaks_for_both
+from dits.mas.protocol import ProtocolConfig, render_view, turn_prefix
+from dits.tasks.example import Example
+
+# (λ_tok, λ_read) per dataset, from the Optima paper; information-exchange datasets share the first.
+DEFAULT_WEIGHTS: dict[str, tuple[float, float]] = {
+    "exchange": (-0.6, 1.0),
+    "gsm8k": (-0.4, 0.9),
+    "math": (-0.4, 0.9),
+    "arc": (-0.5, 0.6),
+    "mmlu": (-0.6, 0.7),
+    "arith": (-0.4, 0.9),  # the built-in arithmetic debate task follows GSM8K
+}
+
+
+class RewardConfig(BaseModel):
+    """Reward weights; ``None`` takes the per-dataset default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lambda_tok: float | None = None
+    lambda_read: float | None = None
+    t_norm_percentile: float = Field(80.0, gt=0, le=100)
+    min_tokens: int = Field(40, ge=0, description="T at or below this gets token term -1")
+
+
+class RewardBreakdown(BaseModel):
+    """The three terms and their sum, kept so a reward can be audited after the fact."""
+
+    task: float
+    token: float
+    read: float
+
+    @property
+    def total(self) -> float:
+        return self.task + self.token + self.read
+
+
+def weights_for(example: Example, cfg: RewardConfig) -> tuple[float, float]:
+    key = "exchange" if example.mode == "exchange" else example.dataset
+    lt, lr = DEFAULT_WEIGHTS.get(key, DEFAULT_WEIGHTS["gsm8k"])
+    lt = cfg.lambda_tok if cfg.lambda_tok is not None else lt
+    return lt, cfg.lambda_read if cfg.lambda_read is not None else lr
+
+
+def t_norm_from(token_counts: Sequence[int], percentile: float = 80.0) -> float:
+    """``T_norm``: a high percentile of communication tokens over a calibration sample (never below 1)."""
+    if not token_counts:
+        raise ValueError("T_norm needs at least one calibration transcript")
+    return max(1.0, float(np.percentile(np.asarray(token_counts, dtype=float), percentile)))
+
+
+def utterance_nlls(
+    engine: Engine, examples: Sequence[Example], transcripts: Sequence[Transcript], cfg: ProtocolConfig
+) -> list[list[float]]:
+    """Mean per-token NLL of every utterance under the frozen initial model, in one batched score call.
+
+    The initial model is the engine's base with adapters disabled. Empty utterances get NaN (skipped).
+    """
+    items = [
+        (i, k, render_view(ex, tr.texts[:k], turn.speaker, cfg), turn.text, turn.speaker)
+        for i, (ex, tr) in enumerate(zip(examples, transcripts, strict=True))
+        for k, turn in enumerate(tr.turns)
+    ]
+    out: list[list[float]] = [[float("nan")] * len(tr.turns) for tr in transcripts]
+    previous = engine.active_adapter
+    engine.set_adapter(None)
+    try:
+        # Score speaker by speaker so the forced turn prefix (part of the prompt) matches generation.
+        for speaker in (0, 1):
+            group = [it for it in items if it[4] == speaker]
+            if not group:
+                continue
+            scored = engine.score([g[2] for g in group], [g[3] for g in group], turn_prefix(speaker, cfg))
+            for (i, k, *_), sc in zip(group, scored, strict=True):
+                if sc.logprobs:
+                    out[i][k] = -float(np.mean(sc.logprobs))
+    finally:
+        engine.set_adapter(previous)
+    return out
+
+
+def compute_reward(
+    example: Example, transcript: Transcript, nlls: Sequence[float], t_norm: float, cfg: RewardConfig
+) -> RewardBreakdown:
+    """The Optima reward of one transcript, given its utterances' NLLs under the initial model."""
+    lt, lr = weights_for(example, cfg)
+    texts = transcript.texts
+    task = transcript.metric
+    if any(speaks_for_both(t.text, t.speaker) for t in transcript.turns):
+        task = 0.0
+    T = transcript.comm_tokens
+    token = -1.0 if (cfg.min_tokens >= T or any(t.truncated for t in transcript.turns)) else lt * T / t_norm
+    finite = [x for x in nlls if np.isfinite(x)]
+    repeated = len(set(texts)) < len(texts)
+    read = 0.0 if (repeated or not finite) else lr / max(max(finite), 1e-6)
+    return RewardBreakdown(task=task, token=token, read=read)
