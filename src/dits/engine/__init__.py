@@ -16,9 +16,9 @@ def make_engine(backend: str = "hf", model: str = "smollm2-135m", **kwargs: Any)
 
         return HFEngine(model, **kwargs)
     if backend == "vllm":
-        from dits.engine.vllm import VLLMEngine
-
-        return VLLMEngine(model, **kwargs)
+        # The interface is backend-neutral (views in, completions/log-probs out, adapters by name); the
+        # vLLM backend is not written yet and nothing may pretend otherwise.
+        raise NotImplementedError("engine.backend 'vllm' is not implemented yet; use 'hf'")
     raise ValueError(f"engine.backend must be one of {list(BACKENDS)}, got {backend!r}")
 
 

@@ -19,7 +19,8 @@ from dits.tasks.answers import fallback_answer, parse_answer
 from dits.tasks.example import AGENTS, Example
 from dits.tasks.metrics import answers_agree, score_answer
 
-StopReason = Literal["agreed", "max_turns"]
+StopReason = Literal["agreed", "max_turns", "answered", "no_answer"]
+"""The protocol stops on agreement or the turn limit; single-agent baselines on an answer or none."""
 
 
 class Turn(BaseModel):

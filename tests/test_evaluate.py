@@ -1,0 +1,89 @@
+"""`dits evaluate`: summaries equal a recomputation from the written transcripts; resume; intervals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dits.cli import main
+from dits.evaluate import EvalRecord, bootstrap_ci, evaluate
+from dits.jsonl import read_jsonl
+from dits.mas.protocol import ProtocolConfig
+from dits.tasks import load_examples
+from dits.tasks.builtin import make_builtin
+from dits.tasks.loaders import default_data_root
+from dits.tasks.metrics import score_answer
+from tests.fakes import ScriptedEngine
+
+SMALL = ProtocolConfig(max_turns=3, max_new_tokens=16)
+
+
+def _check_summary_against_transcripts(out_dir, examples):
+    summary = json.loads((out_dir / "summary.json").read_text())
+    records = read_jsonl(out_dir / "transcripts.jsonl", EvalRecord)
+    by_id = {ex.id: ex for ex in examples}
+    assert sorted(r.transcript.example_id for r in records) == sorted(by_id)
+    metrics = []
+    for r in records:
+        tr = r.transcript
+        ok = tr.stop_reason in ("agreed", "answered")
+        metrics.append(score_answer(by_id[tr.example_id], tr.answer) if ok else 0.0)
+        assert tr.metric == metrics[-1]
+    assert summary["n"] == len(examples)
+    assert summary["metric"]["mean"] == pytest.approx(np.mean(metrics))
+    assert summary["comm_tokens"] == pytest.approx(
+        np.mean([sum(t.tokens for t in r.transcript.turns) for r in records])
+    )
+    assert sum(summary["stop_reasons"].values()) == len(examples)
+    assert summary["metric"]["low"] <= summary["metric"]["mean"] <= summary["metric"]["high"]
+
+
+@pytest.mark.slow
+def test_evaluate_builtin_and_real_datasets_on_embedded_model(engine, tmp_path):
+    root = default_data_root()
+    cases = [
+        (make_builtin("facts", "test", 3, 0), "mas"),
+        (make_builtin("arith", "test", 2, 0), "cot"),
+        (load_examples("gsm8k", "dev", root / "gsm8k", limit=2), "mas"),
+        (load_examples("hotpotqa", "dev", root / "hotpotqa", limit=2), "mas"),
+    ]
+    for examples, method in cases:
+        out = tmp_path / f"{examples[0].dataset}-{method}"
+        evaluate(engine, examples, method, SMALL, out, progress=False)
+        _check_summary_against_transcripts(out, examples)
+
+
+def test_evaluate_resumes_after_a_kill(tmp_path):
+    examples = make_builtin("facts", "test", 4, 0)
+    eng = ScriptedEngine(lambda v: "<A>Zorvath</A>")
+    evaluate(eng, examples, "mas", SMALL, tmp_path, chunk=2, progress=False)
+    path = tmp_path / "transcripts.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # killed mid-append
+    eng2 = ScriptedEngine(lambda v: "<A>Zorvath</A>")
+    evaluate(eng2, examples, "mas", SMALL, tmp_path, chunk=2, progress=False)
+    assert sum(len(c) for c in eng2.calls) == 2 * 2  # only the 2 missing tasks, 2 turns each
+    _check_summary_against_transcripts(tmp_path, examples)
+
+
+def test_cli_evaluate_prints_table(tmp_path, capsys):
+    code = main(["evaluate", "--dataset", "arith", "--limit", "2", "--method", "cot", "--max-new-tokens", "8",
+                 "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "arith-test-cot" / "summary.json").read_text())
+    assert f"| cot | arith | test | 2 | {summary['metric']['mean']:.3f} |" in printed
+
+
+def test_bootstrap_interval_matches_brute_force():
+    rng = np.random.default_rng(0)
+    x = rng.random(40) < 0.3
+    ci = bootstrap_ci(x.astype(float))
+    means = [x[rng.integers(0, len(x), len(x))].mean() for _ in range(4000)]
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    assert ci.mean == pytest.approx(x.mean())
+    assert abs(ci.low - lo) < 0.04 and abs(ci.high - hi) < 0.04
+    const = bootstrap_ci([1.0, 1.0, 1.0])
+    assert (const.low, const.mean, const.high) == (1.0, 1.0, 1.0)

@@ -1,0 +1,68 @@
+"""The Optima reward against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dits.mas.dialogue import Transcript, Turn
+from dits.mas.protocol import ProtocolConfig
+from dits.reward import RewardConfig, compute_reward, t_norm_from, utterance_nlls
+from tests.fakes import ScriptedEngine
+from tests.test_protocol import ARITH, FACTS
+
+
+def _tr(texts, tokens, metric=1.0, truncated=False):
+    turns = [
+        Turn(speaker=i % 2, text=t, tokens=n, truncated=truncated and i == 0)
+        for i, (t, n) in enumerate(zip(texts, tokens, strict=True))
+    ]
+    return Transcript(example_id="f1", turns=turns, stop_reason="agreed", answer="x", metric=metric)
+
+
+def test_reward_by_hand_exchange():
+    tr = _tr(["a b", "c d e", "f"], [30, 20, 10])  # T = 60
+    r = compute_reward(FACTS, tr, [2.0, 4.0, 1.0], t_norm=120.0, cfg=RewardConfig())
+    # task 1, token -0.6 * 60/120 = -0.3, readability 1.0 / max(2, 4, 1) = 0.25
+    assert (r.task, r.token, r.read) == (1.0, pytest.approx(-0.3), pytest.approx(0.25))
+    assert r.total == pytest.approx(0.95)
+
+
+def test_reward_debate_weights_and_penalties():
+    tr = _tr(["x", "y"], [30, 20], metric=1.0)  # T = 50 > 40
+    r = compute_reward(ARITH, tr, [0.5, 2.0], t_norm=100.0, cfg=RewardConfig())
+    assert r.token == pytest.approx(-0.4 * 0.5) and r.read == pytest.approx(0.9 / 2.0)
+    short = compute_reward(ARITH, _tr(["x", "y"], [20, 20]), [1.0, 1.0], 100.0, RewardConfig())
+    assert short.token == -1.0  # T <= 40
+    cut = compute_reward(ARITH, _tr(["x", "y"], [30, 30], truncated=True), [1.0, 1.0], 100.0, RewardConfig())
+    assert cut.token == -1.0  # an utterance cut at the limit
+    rep = compute_reward(ARITH, _tr(["same", "same"], [30, 30]), [1.0, 1.0], 100.0, RewardConfig())
+    assert rep.read == 0.0  # repeated utterance
+    both = compute_reward(FACTS, _tr(["hi\nBob: I agree", "ok"], [30, 30]), [1.0, 1.0], 100.0, RewardConfig())
+    assert both.task == 0.0  # Alice spoke for Bob
+
+
+def test_reward_config_overrides_weights():
+    r = compute_reward(
+        FACTS, _tr(["a", "b"], [50, 50]), [1.0, 1.0], 200.0, RewardConfig(lambda_tok=-1.0, lambda_read=0.5)
+    )
+    assert r.token == pytest.approx(-0.5) and r.read == pytest.approx(0.5)
+
+
+def test_t_norm_is_the_80th_percentile():
+    assert t_norm_from(list(range(1, 101))) == pytest.approx(80.2)  # numpy linear interpolation
+    with pytest.raises(ValueError):
+        t_norm_from([])
+
+
+def test_utterance_nlls_mean_per_token_under_base_model():
+    eng = ScriptedEngine(lambda v: "")
+    eng.set_adapter("trained")
+    tr = _tr(["one two three", "four"], [3, 1])
+    (nlls,) = utterance_nlls(eng, [FACTS], [tr], ProtocolConfig())
+    # fake log-probs alternate -1, -2 per token: "one two three" -> mean 4/3, "four" -> 1
+    assert nlls == [pytest.approx(4 / 3), pytest.approx(1.0)]
+    assert eng.active_adapter == "trained"  # restored after scoring with adapters off
+    empty = _tr(["", "x"], [0, 1])
+    assert math.isnan(utterance_nlls(eng, [FACTS], [empty], ProtocolConfig())[0][0])
