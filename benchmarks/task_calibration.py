@@ -33,11 +33,20 @@ def main() -> None:
     ap.add_argument("--max-turns", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--only", default=None, help="run only settings of this dataset")
+    ap.add_argument(
+        "--setting",
+        action="append",
+        default=None,
+        help='replaces the settings: DATASET=JSON, facts={"hops":1}',
+    )
     args = ap.parse_args()
     engine = HFEngine("smollm2-135m")
     cfg = ProtocolConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens)
     rows = []
-    for dataset, knobs in SETTINGS:
+    settings = SETTINGS
+    if args.setting:
+        settings = [(d, json.loads(k)) for d, k in (s.split("=", 1) for s in args.setting)]
+    for dataset, knobs in settings:
         if args.only and dataset != args.only:
             continue
         t0 = time.perf_counter()

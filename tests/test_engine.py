@@ -135,3 +135,7 @@ def test_zero_adapter_is_identity_and_nonzero_changes(engine, tmp_path):
     assert engine.score(VIEWS[:1], ["The answer is 5"])[0].logprobs != base_score
     engine.set_adapter(None)
     assert [c[0].token_ids for c in engine.generate(VIEWS, sp)] == base_out
+    engine.delete_adapter("big")
+    engine.delete_adapter("zero")
+    assert engine.model is engine.base
+    assert engine.score(VIEWS[:1], ["The answer is 5"])[0].logprobs == base_score

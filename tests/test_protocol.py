@@ -39,7 +39,7 @@ def test_render_view_roles_and_private_notes():
 
 def test_forced_prefix_is_rendered_on_own_turns():
     v = render_view(FACTS, ["hello", "hi"], 0, ProtocolConfig(turn_prefix=True))
-    assert v[2]["content"] == "Alice:hello"
+    assert v[2]["content"] == "Alice: hello"
 
 
 def test_stop_on_agreement_and_one_call_per_round():

@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_smoke)
 
-    from dits import evaluate
+    from dits import evaluate, synthesize
 
     evaluate.add_parser(sub)
+    synthesize.add_parser(sub)
 
     p = sub.add_parser("demo", help="the main job on the embedded model and built-in tasks")
     _engine_args(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -61,10 +62,23 @@ def read_jsonl(path: str | Path, model: type[M], *, repair: bool = True) -> list
     return out
 
 
-def write_json_atomic(path: str | Path, obj: object) -> None:
-    """Write JSON to a temporary name, then rename: readers see the old or the new file, never half."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename: a reader sees the old or the new file, never half."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, p)
+    with contextlib.suppress(OSError):  # make the rename itself durable where directories can be fsynced
+        fd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json_atomic(path: str | Path, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))

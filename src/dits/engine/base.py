@@ -90,8 +90,13 @@ class Engine(ABC):
     ledger: Ledger
 
     @abstractmethod
-    def generate(self, views: Sequence[View], sampling: SamplingParams) -> list[list[Completion]]:
-        """Return ``sampling.n`` completions for each view, in input order."""
+    def generate(
+        self, views: Sequence[View], sampling: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> list[list[Completion]]:
+        """Return ``sampling.n`` completions for each view, in input order.
+
+        ``seeds[i]`` seeds view i's samples, so its tokens do not depend on the rest of the batch (up to
+        floating-point rounding, which batch shape can change in the last bits)."""
 
     @abstractmethod
     def score(

@@ -118,6 +118,21 @@ class HFEngine(Engine):
             self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name)
         self.model.eval()
 
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; removing the last one unwraps PEFT so the bare base runs again
+        (a PeftModel left with no adapter fails on every forward)."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel) or name not in self.model.peft_config:
+            raise KeyError(f"unknown adapter {name!r}")
+        if self._active == name:
+            self._active = None
+        if len(self.model.peft_config) == 1:
+            self.model.unload()  # strips the LoRA layers out of self.base in place
+            self.model = self.base
+        else:
+            self.model.delete_adapter(name)
+
     def add_adapter(self, name: str, config) -> None:  # config: peft.LoraConfig
         """Create a fresh (trainable) adapter in memory, e.g. for training or an influence probe."""
         from peft import PeftModel, get_peft_model

@@ -117,7 +117,7 @@ def render_view(example: Example, turns: Sequence[str], speaker: int, cfg: Proto
     for i, text in enumerate(turns):
         if speaker_of(i) == speaker:
             msgs.append({"role": "user", "content": user})
-            msgs.append({"role": "assistant", "content": _with_prefix(text, speaker, cfg)})
+            msgs.append({"role": "assistant", "content": own_turn_content(text, speaker, cfg)})
             user = ""
         else:
             line = f"{other}: {text}"
@@ -131,6 +131,13 @@ def turn_prefix(speaker: int, cfg: ProtocolConfig) -> str:
     return f"{AGENTS[speaker]}:" if cfg.turn_prefix else ""
 
 
-def _with_prefix(text: str, speaker: int, cfg: ProtocolConfig) -> str:
-    prefix = turn_prefix(speaker, cfg)
-    return f"{prefix}{text}" if prefix else text
+def prefixed(prefix: str, text: str) -> str:
+    """An own turn as the agent's assistant message: the forced prefix (if any), a space, the utterance.
+
+    Generation forces ``prefix`` and the model continues with " text" (stored stripped), so this is the
+    exact text the model produced; every consumer (renderer, SFT rows, DPO responses) goes through here."""
+    return f"{prefix} {text}" if prefix else text
+
+
+def own_turn_content(text: str, speaker: int, cfg: ProtocolConfig) -> str:
+    return prefixed(turn_prefix(speaker, cfg), text)
