@@ -146,7 +146,9 @@ def test_rows_are_the_renderers_views(prefix):
     for k, row in enumerate(rows):
         assert row.prompt == render_view(ex, texts[:k], k % 2, proto)
         name = ("Alice", "Bob")[k % 2]
-        assert row.completion == [{"role": "assistant", "content": (f"{name}: " if prefix else "") + texts[k]}]
+        assert row.completion == [
+            {"role": "assistant", "content": (f"{name}: " if prefix else "") + texts[k]}
+        ]
         assert (row.turn, row.speaker, row.sample, row.reward) == (k, k % 2, 3, 0.8)
     # Alice's first completion appears verbatim as her own past turn in her next prompt.
     assert rows[2].prompt[2] == rows[0].completion[0]

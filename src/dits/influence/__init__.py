@@ -1,0 +1,43 @@
+"""Influence of a candidate training chunk on the validation metric (DESIGN.md section 7)."""
+
+from __future__ import annotations
+
+from dits.influence.base import (
+    Cost,
+    InfluenceConfig,
+    InfluenceEstimator,
+    InfluenceScore,
+    MetricFn,
+    chunk_pairs,
+    default_metric,
+    pair_key,
+)
+from dits.influence.gradient import GradientEstimator
+from dits.influence.likelihood import LikelihoodEstimator
+from dits.influence.rollout import RolloutEstimator
+
+__all__ = [
+    "Cost",
+    "GradientEstimator",
+    "InfluenceConfig",
+    "InfluenceEstimator",
+    "InfluenceScore",
+    "LikelihoodEstimator",
+    "MetricFn",
+    "RolloutEstimator",
+    "chunk_pairs",
+    "default_metric",
+    "make_estimator",
+    "pair_key",
+]
+
+_ESTIMATORS: dict[str, type[InfluenceEstimator]] = {
+    "rollout": RolloutEstimator,
+    "likelihood": LikelihoodEstimator,
+    "gradient": GradientEstimator,
+}
+
+
+def make_estimator(cfg: InfluenceConfig, metric_fn: MetricFn | None = None) -> InfluenceEstimator:
+    """The estimator ``cfg.estimator`` names (call ``prepare`` on it next)."""
+    return _ESTIMATORS[cfg.estimator](cfg, metric_fn)

@@ -1,0 +1,208 @@
+"""What every influence estimator shares (DESIGN.md section 7).
+
+The quantity is ``I(z) = M(θ_z) − M(θ)``: ``θ_z`` is the adapter θ after ONE optimizer step of DPO on the
+candidate z (a chunk of pairs, a fresh optimizer: :func:`dits.train.step.one_step`), and ``M`` is the mean
+task metric on validation tasks disjoint from search and training. The estimators differ only in how they
+evaluate ``M(θ_z)``; each restores the adapter bit for bit after every candidate, and each charges what it
+costs (ledger FLOPs, seconds) to the score it returns, so "same budget" comparisons are measured.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dits.mas.dialogue import Transcript
+from dits.mas.protocol import ProtocolConfig
+from dits.search.pairs import PairCandidate
+from dits.tasks.example import Example
+
+__all__ = [
+    "Cost",
+    "InfluenceConfig",
+    "InfluenceEstimator",
+    "InfluenceScore",
+    "MetricFn",
+    "chunk_pairs",
+    "default_metric",
+    "pair_key",
+]
+
+MetricFn = Callable[[Example, Transcript], float]
+"""The task metric of one finished conversation (default: the transcript's own ``metric``)."""
+
+
+def default_metric(example: Example, transcript: Transcript) -> float:
+    return transcript.metric
+
+
+class InfluenceConfig(BaseModel):
+    """Influence knobs; the defaults are the reference code's probe (AdamW, lr 5e-5, c 5, V 20)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    estimator: Literal["rollout", "likelihood", "gradient"] = "rollout"
+    chunk_size: int = Field(5, ge=1, description="c: pairs per candidate (one DPO step on the whole chunk)")
+    lr: float = Field(5e-5, ge=0)
+    beta: float = Field(0.1, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    val_tasks: int = Field(20, ge=1, description="V: validation tasks M averages over")
+    samples_per_task: int = Field(
+        4, ge=1, description="K: sampled conversations per task (likelihood, gradient)"
+    )
+    temperature: float = Field(0.7, gt=0, description="sampling temperature of the K cached conversations")
+    projection_dim: int | None = Field(
+        None, ge=1, description="gradient estimator: random Gaussian projection of both gradients to this dim"
+    )
+    step_geometry: Literal["sgd", "optimizer"] = Field(
+        "sgd",
+        description="gradient estimator: the first-order step is -lr·∇L ('sgd'), or the configured "
+        "optimizer's first step ('optimizer': for a fresh AdamW, -lr·∇L/(|∇L|+ε) per entry)",
+    )
+    seed: int = 0
+
+
+class Cost(BaseModel):
+    """What a piece of estimation cost: ledger FLOPs (delta) and wall seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flops: float = 0.0
+    seconds: float = 0.0
+
+
+class InfluenceScore(BaseModel):
+    """The estimated influence of one candidate (a chunk of pairs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate: int
+    """Index of the chunk in the list given to :meth:`InfluenceEstimator.score`."""
+    pair_ids: list[str]
+    """:func:`pair_key` of every pair of the chunk: the score applies to each of them."""
+    score: float
+    estimator: str
+    cost: Cost
+    diagnostics: dict[str, float] = Field(default_factory=dict)
+    """Estimator-specific numbers, e.g. the importance weights' effective sample size."""
+
+
+def pair_key(pair: PairCandidate) -> str:
+    """A pair's identity across files: tree, parent node and the two children."""
+    return f"{pair.tree_task_id}:{pair.node_id}:{pair.chosen_id}:{pair.rejected_id}"
+
+
+def chunk_pairs(pairs: Sequence[PairCandidate], c: int, seed: int | None = 0) -> list[list[PairCandidate]]:
+    """Candidates of ``c`` pairs each (the last may be shorter). With a seed the pairs are shuffled first
+    (seeded, so the same call gives the same chunks), so a chunk does not hold one tree's pairs only;
+    ``seed=None`` keeps the given order."""
+    if c < 1:
+        raise ValueError(f"chunk size must be >= 1, got {c}")
+    order = list(pairs)
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    return [order[i : i + c] for i in range(0, len(order), c)]
+
+
+@contextmanager
+def metered(engine: Any) -> Iterator[Cost]:
+    """Fill a :class:`Cost` with the ledger FLOPs and seconds spent inside the block."""
+    cost = Cost()
+    before = engine.ledger.snapshot()
+    t0 = time.perf_counter()
+    try:
+        yield cost
+    finally:
+        cost.seconds = time.perf_counter() - t0
+        cost.flops = float(engine.ledger.flops(engine.ledger.snapshot() - before))
+
+
+@contextmanager
+def active_adapter(engine: Any, name: str) -> Iterator[None]:
+    """Run with adapter ``name`` active, then put back whatever was active before."""
+    previous = engine.active_adapter
+    engine.set_adapter(name)
+    try:
+        yield
+    finally:
+        engine.set_adapter(previous)
+
+
+class InfluenceEstimator(ABC):
+    """One interface for every estimator: baseline work once in :meth:`prepare`, then :meth:`score`."""
+
+    name: str = ""
+
+    def __init__(self, cfg: InfluenceConfig, metric_fn: MetricFn | None = None) -> None:
+        self.cfg = cfg
+        self.metric_fn: MetricFn = metric_fn or default_metric
+        self.engine: Any = None
+        self.adapter: str = ""
+        self.examples: list[Example] = []
+        self.protocol = ProtocolConfig()
+        self.prepare_cost = Cost()
+
+    def prepare(
+        self,
+        engine: Any,
+        adapter_name: str,
+        val_examples: Sequence[Example],
+        protocol_cfg: ProtocolConfig | None = None,
+    ) -> None:
+        """Do the once-per-θ work (baseline metric, cached conversations, validation gradient)."""
+        if not val_examples:
+            raise ValueError("influence needs at least one validation example")
+        self.engine, self.adapter = engine, adapter_name
+        self.examples = list(val_examples)
+        self.protocol = protocol_cfg or ProtocolConfig()
+        with metered(engine) as cost, active_adapter(engine, adapter_name):
+            self._prepare()
+        self.prepare_cost = cost
+
+    def score(self, chunks: Sequence[Sequence[PairCandidate]]) -> list[InfluenceScore]:
+        """One score per chunk, in order; the adapter is exactly θ again after each."""
+        if self.engine is None:
+            raise RuntimeError("call prepare() before score()")
+        out = []
+        for i, chunk in enumerate(chunks):
+            if not chunk:
+                raise ValueError(f"chunk {i} is empty")
+            with metered(self.engine) as cost:
+                value, diag = self._score_chunk(list(chunk))
+            out.append(
+                InfluenceScore(
+                    candidate=i,
+                    pair_ids=[pair_key(p) for p in chunk],
+                    score=float(value),
+                    estimator=self.name,
+                    cost=cost,
+                    diagnostics=diag,
+                )
+            )
+        return out
+
+    def step(self, chunk: list[PairCandidate]) -> Any:
+        """θ_z: one DPO step on the chunk (a handle that restores θ on exit)."""
+        from dits.train.step import one_step
+
+        return one_step(
+            self.engine,
+            self.adapter,
+            chunk,
+            lr=self.cfg.lr,
+            beta=self.cfg.beta,
+            optimizer=self.cfg.optimizer,
+            protocol=self.protocol,
+        )
+
+    @abstractmethod
+    def _prepare(self) -> None: ...
+
+    @abstractmethod
+    def _score_chunk(self, chunk: list[PairCandidate]) -> tuple[float, dict[str, float]]: ...

@@ -1,0 +1,149 @@
+"""The first-order estimator: one backward per candidate, no step taken.
+
+Once under θ: with the likelihood estimator's K sampled conversations per task, the gradient of its own
+estimate, ``g = ∇ mean_task mean_j (metric_j − b_task) · log π(conv_j)`` on the LoRA tensors (b_task the
+task's mean metric: the baseline that makes it exactly ``∇M̂`` of the self-normalised estimate at θ).
+Per candidate: ``u`` = the first step on z (``−lr·∇L_DPO(z)``; or, with ``step_geometry="optimizer"`` and
+AdamW, the fresh optimizer's first step ``−lr·∇L/(|∇L|+ε)``), and ``I(z) ≈ u·g``. With SGD this is the
+derivative of the likelihood estimate along the step, so for a small lr the two agree (tested).
+
+``projection_dim`` d: both vectors are multiplied by a fixed seeded Gaussian matrix (per adapter tensor)
+scaled by 1/sqrt(d), which preserves dot products in expectation; its memory is d × (adapter size) floats,
+which is what storing many candidate gradients at dimension d would save.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from dits.influence.base import active_adapter
+from dits.influence.likelihood import LikelihoodEstimator
+from dits.ledger import Ledger
+from dits.search.pairs import PairCandidate
+from dits.seeding import derive_seed
+from dits.train.common import adapter_parameters
+
+__all__ = ["GradientEstimator"]
+
+_ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which one_step uses
+
+
+class GradientEstimator(LikelihoodEstimator):
+    name = "gradient"
+
+    @contextmanager
+    def _grad_on_adapter(self) -> Iterator[dict[str, torch.nn.Parameter]]:
+        """Adapter active, gradients enabled for its tensors only (flags restored), and the forward charged
+        as training tokens (a forward plus a backward) instead of scoring."""
+        engine = self.engine
+        params = adapter_parameters(engine, self.adapter)
+        wanted = {id(p) for p in params.values()}
+        flags = [(p, p.requires_grad) for p in engine.model.parameters()]
+        real, scratch = engine.ledger, Ledger(params=engine.ledger.params)
+        try:
+            with active_adapter(engine, self.adapter):
+                for p in engine.model.parameters():
+                    p.requires_grad_(id(p) in wanted)
+                engine.ledger = scratch
+                with torch.enable_grad():
+                    yield params
+        finally:
+            engine.ledger = real
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            c = scratch.counts
+            assert c is not None
+            real.charge(trained_tokens=c.prompt_tokens + c.scored_tokens)
+
+    def _logp_tensor(self, indices: list[int]) -> list[torch.Tensor]:
+        """Differentiable ``log π`` of cached conversations (adapter and grad mode are the caller's)."""
+        items = [(n, turn) for n, i in enumerate(indices) for turn in self._turns[i]]
+        sums: list[torch.Tensor | float] = [0.0] * len(indices)
+        by_prefix: dict[str, list[tuple[int, tuple]]] = {}
+        for n, turn in items:
+            by_prefix.setdefault(turn[2], []).append((n, turn))
+        for prefix, group in by_prefix.items():
+            scored = self.engine.score_tensors(
+                [t[0] for _, t in group], [t[1] for _, t in group], prefix, keep_graph=True
+            )
+            for (n, _), sc in zip(group, scored, strict=True):
+                if sc.tensor is not None and sc.tensor.numel():
+                    sums[n] = sums[n] + sc.tensor.sum()
+        return [torch.as_tensor(s) for s in sums]
+
+    def _prepare(self) -> None:
+        self._sample()
+        n_tasks = len(self.examples)
+        grads: dict[str, torch.Tensor] = {}
+        with self._grad_on_adapter() as params:
+            grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            for t in range(n_tasks):
+                idx = [i for i, c in enumerate(self.cache) if c.task == t]
+                m = torch.tensor([self.cache[i].metric for i in idx], dtype=torch.float64)
+                adv = (m - m.mean()) / (len(idx) * n_tasks)
+                if not bool((adv != 0).any()):
+                    continue  # every sample scored the same: this task adds nothing to g
+                keep = [(i, float(a)) for i, a in zip(idx, adv.tolist(), strict=True) if a != 0]
+                logps = self._logp_tensor([i for i, _ in keep])
+                objective = sum(a * lp for (_, a), lp in zip(keep, logps, strict=True) if lp.requires_grad)
+                if not isinstance(objective, torch.Tensor):
+                    continue
+                got = torch.autograd.grad(objective, list(params.values()), allow_unused=True)
+                for name, gr in zip(params, got, strict=True):
+                    if gr is not None:
+                        grads[name] += gr.float()
+        self.val_grad = grads
+        self._projections: dict[str, torch.Tensor] = {}
+        self._val_proj: torch.Tensor | None = None
+        self.baseline = 0.0
+
+    def _project(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``P·vec / sqrt(d)``; matrices made on first use (and anew when ``projection_dim`` changes)."""
+        d = self.cfg.projection_dim
+        assert d is not None
+        if any(m.shape[0] != d for m in self._projections.values()):
+            self._projections, self._val_proj = {}, None
+        out = torch.zeros(d, dtype=torch.float64)
+        for name, v in vec.items():
+            mat = self._projections.get(name)
+            if mat is None:
+                gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "projection", name))
+                mat = torch.randn((d, v.numel()), generator=gen, dtype=torch.float64)
+                self._projections[name] = mat
+            out += mat @ v.detach().cpu().double().flatten()
+        return out / math.sqrt(d)
+
+    def dpo_gradient(self, chunk: list[PairCandidate]) -> dict[str, torch.Tensor]:
+        """``∇L_DPO(z)`` on the adapter's tensors at θ (reference = θ, as in the step itself)."""
+        from dits.train.step import dpo_loss
+
+        with self._grad_on_adapter() as params:
+            loss = dpo_loss(self.engine, chunk, self.cfg.beta, protocol=self.protocol)
+            got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        return {
+            n: (g if g is not None else torch.zeros_like(p)).detach().float()
+            for (n, p), g in zip(params.items(), got, strict=True)
+        }
+
+    def _score_chunk(self, chunk: list[PairCandidate]) -> tuple[float, dict[str, float]]:
+        grad = self.dpo_gradient(chunk)
+        lr = self.cfg.lr
+        if self.cfg.step_geometry == "optimizer" and self.cfg.optimizer == "adamw":
+            update = {n: -lr * g / (g.abs() + _ADAM_EPS) for n, g in grad.items()}
+        else:
+            update = {n: -lr * g for n, g in grad.items()}
+        if self.cfg.projection_dim:
+            projected = self._project(update)
+            if self._val_proj is None:
+                self._val_proj = self._project(self.val_grad)
+            value = float(projected @ self._val_proj)
+        else:
+            value = float(
+                sum((u.double() * self.val_grad[n].double().to(u.device)).sum() for n, u in update.items())
+            )
+        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grad.values()))
+        return value, {"dpo_grad_norm": norm}

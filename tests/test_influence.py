@@ -1,0 +1,249 @@
+"""Influence estimators on the embedded model (tiny: 2 validation tasks, K = 2, 2 turns of 12 tokens).
+
+What is checked: a step of size zero gives exactly zero influence (every estimator); the adapter is restored
+bit for bit after each candidate; the likelihood estimate equals an importance-weighted average computed
+here by hand (manual unpadded forwards, weights in plain Python); the gradient estimate is the derivative
+of the likelihood estimate along an SGD step (finite difference). The metric is a hash of the conversation
+text in [0, 1): the model is too small to solve tasks, and a metric that varies between samples is what
+makes the weights matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+
+import pytest
+import torch
+
+from dits.influence import InfluenceConfig, InfluenceEstimator, make_estimator
+from dits.mas.dialogue import Transcript
+from dits.mas.protocol import ProtocolConfig, render_view, turn_prefix
+from dits.search.pairs import PairCandidate
+from dits.tasks.builtin import make_builtin
+from dits.tasks.example import Example
+
+PROTOCOL = ProtocolConfig(max_turns=2, max_new_tokens=12, worked_example=False)
+EPS = 1e-2
+"""SGD step size for the finite difference. Measured on this setup: the largest |log-weight| is ~0.02, so the
+curvature term is ~1% of the first-order one; a 10x smaller step makes float32 log-prob noise (~1e-5 nats per
+conversation) the larger error (~4%, up to 20% at 1e-4)."""
+FD_TOLERANCE = 0.10
+
+
+def hash_metric(example: Example, transcript: Transcript) -> float:
+    return int(hashlib.sha256("|".join(transcript.texts).encode()).hexdigest()[:8], 16) / 2**32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _drop_adapter(engine, name: str) -> None:
+    if name in getattr(engine.model, "peft_config", {}):
+        if engine.active_adapter == name:
+            engine.set_adapter(None)
+        others = [n for n in engine.model.peft_config if n != name]
+        if others:
+            engine.model.set_adapter(others[0])
+        engine.model.delete_adapter(name)
+        if not others:
+            engine.model = engine.model.unload()
+
+
+@pytest.fixture(scope="module")
+def adapter(engine):
+    """A small seeded LoRA with non-zero B, so the DPO gradient reaches both A and B."""
+    from dits.train.common import adapter_parameters
+    from dits.train.config import LoraSettings
+
+    name = f"infl_{uuid.uuid4().hex[:6]}"
+    engine.add_adapter(name, LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"]).to_peft())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in adapter_parameters(engine, name).items():
+            # Both from a seeded generator: PEFT draws A from the global RNG, whose state depends on what
+            # ran earlier in the session, and the scores below would then depend on the test selection.
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if "lora_B" in n else 0.04))
+    engine.model.eval()
+    previous = engine.active_adapter
+    yield name
+    engine.set_adapter(previous if previous != name else None)
+    _drop_adapter(engine, name)
+
+
+@pytest.fixture(scope="module")
+def val_examples() -> list[Example]:
+    return make_builtin("facts", "dev", 2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def chunks() -> list[list[PairCandidate]]:
+    train = make_builtin("facts", "train", 3, seed=0)
+    pairs = [
+        PairCandidate(
+            tree_task_id=ex.id,
+            node_id=f"n{i}",
+            prefix=[],
+            speaker=0,
+            chosen=f"My notes say the answer is <A>{ex.answers[0]}</A>",
+            rejected="I do not know.",
+            chosen_id=f"c{i}",
+            rejected_id=f"r{i}",
+            q_chosen=1.0,
+            q_rejected=0.0,
+            visits_chosen=1,
+            visits_rejected=1,
+            prompt=render_view(ex, [], 0, PROTOCOL),
+        )
+        for i, ex in enumerate(train)
+    ]
+    return [pairs[:1], pairs[1:]]
+
+
+def _prepared(engine, adapter, val_examples, estimator: str, **cfg) -> InfluenceEstimator:
+    est = make_estimator(
+        InfluenceConfig(estimator=estimator, val_tasks=2, samples_per_task=2, seed=0, **cfg), hash_metric
+    )
+    est.prepare(engine, adapter, val_examples, PROTOCOL)
+    return est
+
+
+def _with_lr(est: InfluenceEstimator, lr: float) -> InfluenceEstimator:
+    est.cfg = est.cfg.model_copy(update={"lr": lr})
+    return est
+
+
+@pytest.fixture(scope="module")
+def likelihood(engine, adapter, val_examples) -> InfluenceEstimator:
+    est = _prepared(engine, adapter, val_examples, "likelihood", optimizer="sgd")
+    by_task = [[c.metric for c in est.cache if c.task == t] for t in range(2)]  # type: ignore[attr-defined]
+    assert any(len(set(m)) > 1 for m in by_task), "test needs a metric that differs between samples"
+    return est
+
+
+@pytest.fixture(scope="module")
+def gradient(engine, adapter, val_examples) -> InfluenceEstimator:
+    return _prepared(engine, adapter, val_examples, "gradient", optimizer="sgd")
+
+
+def _adapter_state(engine, name: str) -> dict[str, torch.Tensor]:
+    from dits.train.common import adapter_parameters
+
+    return {n: p.detach().clone() for n, p in adapter_parameters(engine, name).items()}
+
+
+def _assert_same(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    assert before.keys() == after.keys()
+    for n in before:
+        assert torch.equal(before[n], after[n]), n
+
+
+def test_rollout_zero_step_is_zero_and_adapter_restored_bit_for_bit(engine, adapter, val_examples, chunks):
+    before = _adapter_state(engine, adapter)
+    active = engine.active_adapter
+    est = _prepared(engine, adapter, val_examples, "rollout", lr=0.0)
+    assert est.prepare_cost.flops > 0
+    [zero] = est.score(chunks[:1])
+    assert zero.score == 0.0
+    _with_lr(est, 1e-2)  # AdamW: every adapter entry moves by ~lr, so restoring has something to undo
+    scores = est.score(chunks)
+    assert [s.candidate for s in scores] == [0, 1]
+    assert all(s.diagnostics["update_norm"] > 0 and s.cost.flops > 0 for s in scores)
+    assert scores[1].pair_ids == [
+        f"{p.tree_task_id}:{p.node_id}:c{i + 1}:r{i + 1}" for i, p in enumerate(chunks[1])
+    ]
+    _assert_same(before, _adapter_state(engine, adapter))
+    assert engine.active_adapter == active
+
+
+def test_zero_step_is_exactly_zero_for_likelihood_and_gradient(engine, adapter, likelihood, gradient, chunks):
+    before = _adapter_state(engine, adapter)
+    for est in (likelihood, gradient):
+        [s] = _with_lr(est, 0.0).score(chunks[:1])
+        assert s.score == 0.0, est.name
+    [s] = _with_lr(gradient, 1.0).score(chunks[:1])
+    assert s.score != 0.0  # the zero above is the step size, not a zero gradient
+    _assert_same(before, _adapter_state(engine, adapter))
+
+
+def _manual_logp(engine, example: Example, transcript: Transcript) -> float:
+    """log π of a conversation: one unpadded forward per turn, outside the engine's scoring code."""
+    tok = engine.tokenizer
+    texts = transcript.texts
+    total = 0.0
+    with torch.no_grad():
+        for k, turn in enumerate(transcript.turns):
+            view = render_view(example, texts[:k], turn.speaker, PROTOCOL)
+            head = tok.apply_chat_template(view, add_generation_prompt=True, tokenize=False)
+            prompt = tok(head + turn_prefix(turn.speaker, PROTOCOL), add_special_tokens=False)["input_ids"]
+            comp = tok(turn.text, add_special_tokens=False)["input_ids"]
+            if not comp:
+                continue
+            ids = torch.tensor([prompt + comp], device=engine.device)
+            logp = torch.log_softmax(engine.model(input_ids=ids).logits[0].float(), dim=-1)
+            total += sum(float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(comp))
+    return total
+
+
+def test_likelihood_equals_brute_force_importance_weighting(
+    engine, adapter, val_examples, likelihood, chunks
+):
+    from dits.train.step import one_step
+
+    lr = 1.0  # a big SGD step: log-weights of order 1, so the weighting is far from uniform
+    [s] = _with_lr(likelihood, lr).score(chunks[:1])
+    cache = likelihood.cache  # type: ignore[attr-defined]
+    previous = engine.active_adapter
+    engine.set_adapter(adapter)
+    try:
+        base = [_manual_logp(engine, val_examples[c.task], c.transcript) for c in cache]
+        with one_step(engine, adapter, chunks[0], lr=lr, beta=0.1, optimizer="sgd", protocol=PROTOCOL):
+            engine.set_adapter(adapter)
+            stepped = [_manual_logp(engine, val_examples[c.task], c.transcript) for c in cache]
+    finally:
+        engine.set_adapter(previous)
+    new, old = [], []
+    for t in range(len(val_examples)):
+        rows = [(c.metric, stepped[i] - base[i]) for i, c in enumerate(cache) if c.task == t]
+        top = max(w for _, w in rows)
+        weights = [math.exp(w - top) for _, w in rows]
+        new.append(sum(m * w for (m, _), w in zip(rows, weights, strict=True)) / sum(weights))
+        old.append(sum(m for m, _ in rows) / len(rows))
+    expected = sum(new) / len(new) - sum(old) / len(old)
+    assert abs(expected) > 1e-3  # the weights do move the estimate
+    assert s.score == pytest.approx(expected, abs=2e-4)
+    assert s.diagnostics["max_abs_log_weight"] > 0.1
+
+
+def test_gradient_matches_finite_difference_of_likelihood(likelihood, gradient, chunks):
+    """SGD, step EPS: (M̂(θ − EPS·∇L) − M̂(θ)) ≈ −EPS·∇L·∇M̂, within FD_TOLERANCE (relative). Measured
+    here: scores ~1.6e-3, agreement 0.02% and 2.3% for the two chunks."""
+    assert [c.transcript for c in gradient.cache] == [c.transcript for c in likelihood.cache]  # type: ignore[attr-defined]
+    fd = _with_lr(likelihood, EPS).score(chunks)
+    first = _with_lr(gradient, EPS).score(chunks)
+    for a, b in zip(fd, first, strict=True):
+        assert abs(b.score) > 1e-5
+        assert a.score == pytest.approx(b.score, rel=FD_TOLERANCE)
+    # The gradient score is linear in lr.
+    [scaled] = _with_lr(gradient, 2 * EPS).score(chunks[:1])
+    assert scaled.score == pytest.approx(2 * first[0].score, rel=1e-9)
+
+
+def test_projected_gradient_is_seeded_and_zero_at_lr0(gradient, chunks):
+    exact = _with_lr(gradient, 1.0).score(chunks[:1])[0].score
+    gradient.cfg = gradient.cfg.model_copy(update={"projection_dim": 8, "lr": 0.0})
+    try:
+        [zero] = gradient.score(chunks[:1])
+        assert zero.score == 0.0
+        [a] = _with_lr(gradient, 1.0).score(chunks[:1])
+        [b] = gradient.score(chunks[:1])
+        assert a.score == b.score != 0.0
+        assert a.score != exact  # the projection was applied
+    finally:
+        gradient.cfg = gradient.cfg.model_copy(update={"projection_dim": None})
