@@ -32,6 +32,13 @@ def test_shared_prefix_reuse_is_exact(engine):
     shared = len(engine.encode_view([system]))  # at least the system turn is common
     assert spent.cached_tokens >= shared - 8
     assert batched == [engine.generate([v], SamplingParams(max_new_tokens=12))[0][0].token_ids for v in views]
+    before = engine.ledger.snapshot()
+    scored = engine.score(views, ["Melbrook is a town.", "<A>15</A>"])
+    assert (engine.ledger.snapshot() - before).cached_tokens >= shared - 8
+    for v, comp, sc in zip(views, ["Melbrook is a town.", "<A>15</A>"], scored, strict=True):
+        alone = engine.score([v], [comp])[0]  # batch of one: no prefix reuse
+        assert sc.token_ids == alone.token_ids
+        assert torch.allclose(torch.tensor(sc.logprobs), torch.tensor(alone.logprobs), atol=1e-4)
 
 
 def test_batched_greedy_equals_batch_of_one(engine):

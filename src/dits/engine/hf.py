@@ -207,24 +207,12 @@ class HFEngine(Engine):
 
     def _decode(self, batch: list[_Row], sampling: SamplingParams) -> None:
         dev = self.device
-        cache = DynamicCache()
-        shared = self._shared_prefix(batch)
-        if shared:
-            # Prefix reuse: rows that start with the same tokens (system prompt, worked example, task) have
-            # its KV computed once and repeated across the batch. The padding then sits between the shared
-            # prefix and each row's own suffix; the attention mask and position ids account for it.
-            self.model(
-                input_ids=torch.tensor([batch[0].prompt_ids[:shared]], device=dev), **{self._cache_kw: cache}
-            )
-            cache.batch_repeat_interleave(len(batch))
-        suffixes = [r.prompt_ids[shared:] for r in batch]
-        width = max(len(x) for x in suffixes)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(batch), shared + width), dtype=torch.long)
-        attn[:, :shared] = 1
-        for j, x in enumerate(suffixes):
-            ids[j, width - len(x) :] = torch.tensor(x)
-            attn[j, shared + width - len(x) :] = 1
+        # Prefix reuse: rows that start with the same tokens (system prompt, worked example, task) have that
+        # prefix's KV computed once. The padding then sits between the shared prefix and each row's own
+        # suffix; the attention mask and position ids account for it.
+        shared = self._shared_prefix([r.prompt_ids for r in batch])
+        cache = self._prefill_shared(batch[0].prompt_ids[:shared], len(batch))
+        ids, attn = self._left_pad([r.prompt_ids[shared:] for r in batch], shared, self.pad_id)
         ids, attn = ids.to(dev), attn.to(dev)
         pos = ((attn.cumsum(-1) - 1).clamp(min=0))[:, shared:]
         gens = [torch.Generator().manual_seed(r.seed) for r in batch]
@@ -278,19 +266,41 @@ class HFEngine(Engine):
             r.text = text
 
     @staticmethod
-    def _shared_prefix(batch: list[_Row], minimum: int = 16) -> int:
-        """Length of the token prefix all rows share (at least one token is left to each row's suffix)."""
-        if len(batch) < 2:
+    def _shared_prefix(prompts: Sequence[Sequence[int]], minimum: int = 16) -> int:
+        """Length of the token prefix all prompts share (at least one token is left to each prompt)."""
+        if len(prompts) < 2:
             return 0
-        first = batch[0].prompt_ids
-        n = min(len(r.prompt_ids) for r in batch) - 1
-        for r in batch[1:]:
-            ids = r.prompt_ids
+        first = prompts[0]
+        n = min(len(p) for p in prompts) - 1
+        for ids in prompts[1:]:
             k = 0
             while k < n and ids[k] == first[k]:
                 k += 1
             n = k
         return n if n >= minimum else 0
+
+    def _prefill_shared(self, prefix_ids: Sequence[int], rows: int) -> DynamicCache:
+        """KV of a prefix common to ``rows`` sequences, computed once and repeated across the batch."""
+        cache = DynamicCache()
+        if prefix_ids:
+            ids = torch.tensor([list(prefix_ids)], device=self.device)
+            self.model(input_ids=ids, logits_to_keep=1, **{self._cache_kw: cache})
+            cache.batch_repeat_interleave(rows)
+        return cache
+
+    @staticmethod
+    def _left_pad(
+        seqs: Sequence[Sequence[int]], shared: int, pad_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Suffixes after a ``shared`` prefix, left-padded; the mask covers prefix + suffix."""
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), shared + width), dtype=torch.long)
+        attn[:, :shared] = 1
+        for j, x in enumerate(seqs):
+            ids[j, width - len(x) :] = torch.tensor(list(x))
+            attn[j, shared + width - len(x) :] = 1
+        return ids, attn
 
     def _hit_stop(self, r: _Row, stops: tuple[str, ...]) -> bool:
         tail = self.tokenizer.decode(r.out_ids[-16:], skip_special_tokens=True)
@@ -337,7 +347,10 @@ class HFEngine(Engine):
         """Scoring core; with ``keep_graph`` each result also carries a differentiable ``tensor`` of
         log-probs (used by the gradient influence estimator). Grad mode and adapters are the caller's."""
         pairs = self.tokenize_pairs(views, completions, prefix)
-        rows = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        rows = sorted(
+            range(len(pairs)),
+            key=lambda i: (pairs[i][0][:_GROUP_KEY_TOKENS], len(pairs[i][0]) + len(pairs[i][1])),
+        )
         out: list[ScoredCompletion | None] = [None] * len(pairs)
         batch: list[int] = []
 
@@ -346,11 +359,14 @@ class HFEngine(Engine):
                 out[i] = sc
             batch.clear()
 
+        width = 0
         for i in rows:
-            width = len(pairs[i][0]) + len(pairs[i][1])
-            if batch and ((len(batch) + 1) * width > self.score_token_budget or len(batch) >= self.max_batch):
+            wider = max(width, len(pairs[i][0]) + len(pairs[i][1]))
+            if batch and ((len(batch) + 1) * wider > self.score_token_budget or len(batch) >= self.max_batch):
                 flush()
+                wider = len(pairs[i][0]) + len(pairs[i][1])
             batch.append(i)
+            width = wider
         if batch:
             flush()
         return [o for o in out if o is not None]
@@ -360,27 +376,31 @@ class HFEngine(Engine):
     ) -> list[ScoredCompletion]:
         """Left-padded so every completion ends at the last position: only the last ``max_c + 1`` positions'
         logits are materialised (vocab-sized logits for whole prompts would dominate memory)."""
-        seqs = [p + c for p, c in pairs]
-        width = max(len(s) for s in seqs)
         max_c = max(len(c) for _, c in pairs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, width - len(s) :] = torch.tensor(s)
-            attn[j, width - len(s) :] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        results: list[ScoredCompletion] = []
         if max_c == 0:
             return [ScoredCompletion([], []) for _ in pairs]
+        # Shared-prefix reuse as in generation; not when a graph is kept (the gradient estimator
+        # differentiates through every position, and its batches are small).
+        shared = 0 if keep_graph else self._shared_prefix([p for p, _ in pairs])
+        cache = self._prefill_shared(pairs[0][0][:shared], len(pairs))
+        ids, attn = self._left_pad([(p + c)[shared:] for p, c in pairs], shared, self.pad_id)
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        pos = ((attn.cumsum(-1) - 1).clamp(min=0))[:, shared:]
+        results: list[ScoredCompletion] = []
         logits = self.model(
-            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=max_c + 1
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=pos,
+            logits_to_keep=max_c + 1,
+            **({self._cache_kw: cache} if shared else {}),
         ).logits
         logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # predicts the last max_c tokens
-        targets = ids[:, width - max_c :]
+        targets = ids[:, ids.shape[1] - max_c :]
         tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         self.ledger.charge(
-            prompt_tokens=sum(len(p) for p, _ in pairs), scored_tokens=sum(len(c) for _, c in pairs)
+            prompt_tokens=sum(len(p) for p, _ in pairs),
+            cached_tokens=shared * (len(pairs) - 1),
+            scored_tokens=sum(len(c) for _, c in pairs),
         )
         for j, (_, c) in enumerate(pairs):
             lp = tok_lp[j, max_c - len(c) :]
