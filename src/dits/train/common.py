@@ -499,6 +499,54 @@ def quiet_trainer(trainer: Any) -> Any:
     return trainer
 
 
+def finish_training(
+    trainer: Any,
+    engine: Any,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    kind: Literal["sft", "dpo"],
+    adapter_name: str,
+    init_adapter: str | None,
+    trained_tokens: int,
+    reference_tokens: int = 0,
+    started: float,
+) -> TrainResult:
+    """Save what a finished trainer produced (adapter, or full weights), reload it into the engine, and
+    record the run as a :class:`TrainResult` in ``out/train_result.json``. Call inside the staging context."""
+    import time
+
+    check: LengthCheck = trainer.dits_lengths
+    if cfg.full_finetune:
+        engine.base.save_pretrained(out)
+        engine.tokenizer.save_pretrained(out)
+    else:
+        engine.model.save_pretrained(out, selected_adapters=[TRAIN_ADAPTER])
+        load_result(engine, adapter_name, out)
+    losses, train_loss, history = summarise(trainer)
+    result = TrainResult(
+        kind=kind,
+        path=str(out),
+        adapter_name=None if cfg.full_finetune else adapter_name,
+        full_finetune=cfg.full_finetune,
+        init_adapter=init_adapter,
+        rows=len(check.kept),
+        truncated=len(check.dropped),
+        dropped=check.dropped,
+        max_length=check.max_length,
+        steps=trainer.state.global_step,
+        epochs=float(trainer.state.epoch or 0.0),
+        trained_tokens=trained_tokens,
+        reference_tokens=reference_tokens,
+        loss_history=losses,
+        train_loss=train_loss,
+        seconds=time.perf_counter() - started,
+        log_history=history,
+    )
+    result.save(out / "train_result.json")
+    return result
+
+
 def summarise(trainer: Any) -> tuple[list[float], float | None, list[dict[str, float]]]:
     """(per-step loss, mean train loss, numeric log entries) from the trainer's log history."""
     history = [

@@ -44,14 +44,13 @@ from dits.train.common import (
     adapter_parameters,
     check_lengths,
     dpo_dataset_rows,
-    load_result,
+    finish_training,
     pair_contents,
     pair_label,
     quiet_datasets,
     quiet_trainer,
     sequence_lengths,
     staged_model,
-    summarise,
     trainer_kwargs,
 )
 from dits.train.config import TrainConfig
@@ -194,38 +193,24 @@ def train_dpo(
     out.mkdir(parents=True, exist_ok=True)
     with dpo_trainer(engine, pairs, cfg, init_adapter=init_adapter, protocol=protocol) as trainer:
         trainer.train()
-        check: LengthCheck = trainer.dits_lengths  # type: ignore[attr-defined]
         counts = dict(trainer.dits_counts)
-        if cfg.full_finetune:
-            engine.base.save_pretrained(out)
-            engine.tokenizer.save_pretrained(out)
-        else:
-            engine.model.save_pretrained(out, selected_adapters=[TRAIN_ADAPTER])
-            load_result(engine, adapter_name, out)
-        losses, train_loss, history = summarise(trainer)
-        steps = trainer.state.global_step
-        epochs = float(trainer.state.epoch or 0.0)
-    result = TrainResult(
-        kind="dpo",
-        path=str(out),
-        adapter_name=None if cfg.full_finetune else adapter_name,
-        full_finetune=cfg.full_finetune,
-        init_adapter=init_adapter,
-        rows=len(check.kept),
-        truncated=len(check.dropped),
-        dropped=check.dropped,
-        max_length=check.max_length,
-        steps=steps,
-        epochs=epochs,
-        trained_tokens=counts["trained"],
-        reference_tokens=counts["ref_prompt"] + counts["ref_completion"],
-        loss_history=losses,
-        train_loss=train_loss,
-        seconds=time.perf_counter() - start,
-        log_history=history,
-    )
-    result.save(out / "train_result.json")
+        result = finish_training(
+            trainer,
+            engine,
+            cfg,
+            out,
+            kind="dpo",
+            adapter_name=adapter_name,
+            init_adapter=init_adapter,
+            trained_tokens=counts["trained"],
+            reference_tokens=counts["ref_prompt"] + counts["ref_completion"],
+            started=start,
+        )
     log.info(
-        "DPO: %d pairs (%d dropped), %d steps, loss %s", result.rows, result.truncated, steps, train_loss
+        "DPO: %d pairs (%d dropped), %d steps, loss %s",
+        result.rows,
+        result.truncated,
+        result.steps,
+        result.train_loss,
     )
     return result

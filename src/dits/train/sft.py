@@ -21,18 +21,16 @@ from pydantic import BaseModel
 from trl import SFTConfig, SFTTrainer
 
 from dits.train.common import (
-    TRAIN_ADAPTER,
     LengthCheck,
     RowLengths,
     TrainResult,
     as_messages,
     check_lengths,
-    load_result,
+    finish_training,
     quiet_datasets,
     quiet_trainer,
     sequence_lengths,
     staged_model,
-    summarise,
     trainer_kwargs,
 )
 from dits.train.config import TrainConfig
@@ -152,35 +150,19 @@ def train_sft(
     out.mkdir(parents=True, exist_ok=True)
     with sft_trainer(engine, rows, cfg, init_adapter=init_adapter) as trainer:
         trainer.train()
-        check: LengthCheck = trainer.dits_lengths  # type: ignore[attr-defined]
-        trained = trainer.dits_counts["trained"]
-        if cfg.full_finetune:
-            engine.base.save_pretrained(out)
-            engine.tokenizer.save_pretrained(out)
-        else:
-            engine.model.save_pretrained(out, selected_adapters=[TRAIN_ADAPTER])
-            load_result(engine, adapter_name, out)
-        losses, train_loss, history = summarise(trainer)
-        steps = trainer.state.global_step
-        epochs = float(trainer.state.epoch or 0.0)
-    result = TrainResult(
-        kind="sft",
-        path=str(out),
-        adapter_name=None if cfg.full_finetune else adapter_name,
-        full_finetune=cfg.full_finetune,
-        init_adapter=init_adapter,
-        rows=len(check.kept),
-        truncated=len(check.dropped),
-        dropped=check.dropped,
-        max_length=check.max_length,
-        steps=steps,
-        epochs=epochs,
-        trained_tokens=trained,
-        loss_history=losses,
-        train_loss=train_loss,
-        seconds=time.perf_counter() - start,
-        log_history=history,
-    )
-    result.save(out / "train_result.json")
-    log.info("SFT: %d rows, %d steps, %d tokens, loss %s", result.rows, steps, trained, train_loss)
+        result = finish_training(
+            trainer,
+            engine,
+            cfg,
+            out,
+            kind="sft",
+            adapter_name=adapter_name,
+            init_adapter=init_adapter,
+            trained_tokens=trainer.dits_counts["trained"],
+            started=start,
+        )
+    log.info(
+        "SFT: %d rows, %d steps, %d tokens, loss %s",
+        result.rows, result.steps, result.trained_tokens, result.train_loss,
+    )  # fmt: skip
     return result
