@@ -18,17 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from dits.config import RunConfig, parse_config
+from dits.config import RunConfig, load_config, parse_config, parse_overrides
 from dits.mas.protocol import ProtocolConfig, render_view
 from dits.search.tree import Tree
 from dits.synthesize import (
     PairConfig,
     PreferencePair,
-    config_from_args,
     default_tau,
     mine_tree_pairs,
     pairs_to_dataset,
-    parse_overrides,
     read_pairs,
     read_trees,
     synthesize,
@@ -240,7 +238,7 @@ def test_examples_for_dispatches_builtin_and_files(monkeypatch):
 def test_overrides_parse_yaml_values():
     ov = parse_overrides(["search.explore=2", "task.knobs={hops: 2}", "protocol.turn_prefix=true"])
     assert ov == {"search.explore": 2, "task.knobs": {"hops": 2}, "protocol.turn_prefix": True}
-    cfg = config_from_args(None, ov)
+    cfg = load_config(None, ov)
     assert cfg.search.explore == 2 and cfg.task.knobs == {"hops": 2} and cfg.protocol.turn_prefix
     with pytest.raises(ValueError):
         parse_overrides(["search.explore"])

@@ -93,19 +93,37 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read YAML, apply dotted ``overrides`` (``{"search.explore": 4}``), validate."""
-    p = Path(path)
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}")
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["search.explore=2", "task.knobs={hops: 2}"]`` → ``{"search.explore": 2, ...}``; values are YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE with a dotted key, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read YAML (defaults when ``path`` is None), apply dotted ``overrides`` (``{"search.explore": 4}``),
+    validate."""
+    data: dict[str, Any] = {}
+    source = "(defaults + overrides)"
+    if path is not None:
+        p = Path(path)
+        data = yaml.safe_load(p.read_text()) or {}
+        source = str(p)
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}"
+            )
     for key, value in (overrides or {}).items():
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return parse_config(data, str(p))
+    return parse_config(data, source)
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

@@ -195,14 +195,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dits.config import TaskConfig
     from dits.engine import make_engine
-    from dits.tasks import load_examples
-    from dits.tasks.builtin import BUILTIN_DATASETS, make_builtin
+    from dits.tasks.source import examples_for
 
-    if args.dataset in BUILTIN_DATASETS:
-        examples = make_builtin(args.dataset, args.split, args.limit, args.seed)
-    else:
-        examples = load_examples(args.dataset, args.split, args.path, seed=args.seed, limit=args.limit)
+    task = TaskConfig(dataset=args.dataset, path=args.path, seed=args.seed)
+    examples = examples_for(task, args.split, args.limit)
     overrides = {
         k: v for k, v in (("max_turns", args.max_turns), ("max_new_tokens", args.max_new_tokens)) if v
     }

@@ -26,11 +26,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from dits.config import EngineConfig, RunConfig, load_config, parse_config
+from dits.config import EngineConfig, RunConfig, load_config, parse_overrides
 from dits.engine.base import Engine
 from dits.jsonl import append_jsonl, read_jsonl
 from dits.jsonl import write_text_atomic as write_atomic
@@ -52,13 +51,11 @@ __all__ = [
     "SynthesisSummary",
     "add_parser",
     "append_trees",
-    "config_from_args",
     "default_tau",
     "engine_from_config",
     "load_or_calibrate_t_norm",
     "mine_tree_pairs",
     "pairs_to_dataset",
-    "parse_overrides",
     "read_pairs",
     "read_trees",
     "synthesize",
@@ -451,31 +448,6 @@ def synthesize(
 # -- command line ----------------------------------------------------------------------------------
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["search.explore=2", "task.knobs={hops: 2}"]`` → ``{"search.explore": 2, ...}``; values are YAML."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE with a dotted key, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def config_from_args(path: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """The run config from an optional YAML file plus dotted overrides (defaults when no file)."""
-    if path is not None:
-        return load_config(path, overrides)
-    data: dict[str, Any] = {}
-    for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return parse_config(data, "(defaults + --set)")
-
-
 def engine_from_config(cfg: EngineConfig) -> Engine:
     """Build the engine a config names."""
     from dits.engine import make_engine
@@ -497,7 +469,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     """Handler of ``dits synthesize``."""
     from dits.tasks.source import examples_for
 
-    cfg = config_from_args(args.config, parse_overrides(args.set or []))
+    cfg = load_config(args.config, parse_overrides(args.set or []))
     examples = examples_for(cfg.task, args.split, args.limit)
     if not examples:
         raise SystemExit(f"no {cfg.task.dataset} {args.split} tasks to search (check task.{args.split})")

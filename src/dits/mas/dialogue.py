@@ -73,14 +73,16 @@ def speaks_for_both(text: str, speaker: int) -> bool:
 class _Live:
     """A conversation in progress."""
 
-    def __init__(self, example: Example, prefix: Sequence[Turn], seed: int) -> None:
+    def __init__(self, example: Example, prefix: Sequence[Turn], seed: int, max_turns: int) -> None:
         self.example = example
         self.turns: list[Turn] = list(prefix)
         self.seed = seed
+        self.max_turns = max_turns
         self.last_answer: str | None = None
         self.stop: StopReason | None = None
         for t in self.turns:  # replay the prefix through the stop rule
             self._update(t)
+        self._check_limit()
 
     def _update(self, turn: Turn) -> None:
         if turn.answer is None:
@@ -89,11 +91,14 @@ class _Live:
             self.stop = "agreed"
         self.last_answer = turn.answer
 
-    def add(self, turn: Turn, max_turns: int) -> None:
+    def _check_limit(self) -> None:
+        if self.stop is None and len(self.turns) >= self.max_turns:
+            self.stop = "max_turns"
+
+    def add(self, turn: Turn) -> None:
         self.turns.append(turn)
         self._update(turn)
-        if self.stop is None and len(self.turns) >= max_turns:
-            self.stop = "max_turns"
+        self._check_limit()
 
 
 def run_dialogues(
@@ -113,10 +118,7 @@ def run_dialogues(
     """
     seeds = seeds if seeds is not None else list(range(len(examples)))
     prefixes = prefixes if prefixes is not None else [[] for _ in examples]
-    live = [_Live(ex, pre, s) for ex, pre, s in zip(examples, prefixes, seeds, strict=True)]
-    for c in live:
-        if c.stop is None and len(c.turns) >= cfg.max_turns:
-            c.stop = "max_turns"
+    live = [_Live(ex, pre, s, cfg.max_turns) for ex, pre, s in zip(examples, prefixes, seeds, strict=True)]
     while True:
         active = [c for c in live if c.stop is None]
         if not active:
@@ -145,7 +147,7 @@ def run_dialogues(
                     truncated=comp.finish_reason == "length",
                     answer=parse_turn(c.example, speaker, text, cfg),
                 )
-                c.add(turn, cfg.max_turns)
+                c.add(turn)
     return [_finish(c) for c in live]
 
 
