@@ -19,9 +19,8 @@ from dits.tasks.builtin import make_builtin
 
 SETTINGS = [
     ("facts", {"hops": 1, "n_distractor": 1}),
-    ("facts", {"hops": 2, "n_distractor": 0}),
-    ("arith", {"n_operands": 2, "max_value": 10, "operations": ["+"]}),
-    ("arith", {"n_operands": 2, "max_value": 20, "operations": ["+", "-"]}),
+    ("facts", {"hops": 2, "n_distractor": 1}),  # the default
+    ("arith", {"n_operands": 2, "max_value": 10, "operations": ["+"]}),  # the default
 ]
 
 

@@ -19,9 +19,12 @@ ARITH = Example(
 )  # fmt: skip
 
 
+PLAIN = ProtocolConfig(worked_example=False)
+
+
 def test_render_view_roles_and_private_notes():
     turns = ["I know Zorvath lives in Melbrook.", "Thanks.", "<A>Melbrook</A>"]
-    bob = render_view(FACTS, turns[:1], 1, ProtocolConfig())
+    bob = render_view(FACTS, turns[:1], 1, PLAIN)
     assert [m["role"] for m in bob] == ["system", "user"]
     assert (
         "Kiral lives in Doma." in bob[1]["content"]
@@ -29,7 +32,7 @@ def test_render_view_roles_and_private_notes():
     )
     assert bob[1]["content"].endswith("Alice: I know Zorvath lives in Melbrook.")
     assert bob[0]["content"].startswith("You are Bob.")
-    alice = render_view(FACTS, turns[:2], 0, ProtocolConfig())
+    alice = render_view(FACTS, turns[:2], 0, PLAIN)
     assert [m["role"] for m in alice] == ["system", "user", "assistant", "user"]
     assert alice[2]["content"] == turns[0] and alice[3]["content"] == "Bob: Thanks."
     assert "Kiral" not in alice[1]["content"]
@@ -38,8 +41,34 @@ def test_render_view_roles_and_private_notes():
 
 
 def test_forced_prefix_is_rendered_on_own_turns():
-    v = render_view(FACTS, ["hello", "hi"], 0, ProtocolConfig(turn_prefix=True))
+    v = render_view(FACTS, ["hello", "hi"], 0, ProtocolConfig(turn_prefix=True, worked_example=False))
     assert v[2]["content"] == "Alice: hello"
+
+
+@pytest.mark.parametrize("example", [FACTS, ARITH])
+@pytest.mark.parametrize("speaker", [0, 1])
+def test_worked_examples_are_earlier_turns_before_the_real_task(example, speaker):
+    turns = ["first"] if speaker == 1 else ["first", "second"]
+    plain = render_view(example, turns, speaker, PLAIN)
+    shown = render_view(example, turns, speaker, ProtocolConfig())
+    demos = shown[1 : len(shown) - len(plain) + 1]
+    # the demos are whole user/assistant exchanges, then the view continues exactly as without them
+    assert [m["role"] for m in demos] == ["user", "assistant"] * (len(demos) // 2) and demos
+    assert [shown[0], *shown[len(demos) + 1 :]] == plain
+    partner = "Bob" if speaker == 0 else "Alice"
+    text = " ".join(m["content"] for m in demos)
+    if example.mode == "exchange":
+        assert f"{partner}: " in text and "<A>" in text and "Bob: Pum" not in text.replace(f"{partner}:", "")
+    elif speaker == 0:  # the solver is shown tagged answers; the critic never gives one itself
+        assert all("<A>" in m["content"] for m in demos if m["role"] == "assistant")
+    else:
+        assert not any("<A>" in m["content"] for m in demos if m["role"] == "assistant")
+
+
+def test_math_demos_use_boxed_answers():
+    math = ARITH.model_copy(update={"metric": "math"})
+    view = render_view(math, [], 0, ProtocolConfig())
+    assert r"\boxed{10}" in view[2]["content"] and "<A>" not in view[2]["content"]
 
 
 def test_stop_on_agreement_and_one_call_per_round():

@@ -150,8 +150,9 @@ def test_rows_are_the_renderers_views(prefix):
             {"role": "assistant", "content": (f"{name}: " if prefix else "") + texts[k]}
         ]
         assert (row.turn, row.speaker, row.sample, row.reward) == (k, k % 2, 3, 0.8)
-    # Alice's first completion appears verbatim as her own past turn in her next prompt.
-    assert rows[2].prompt[2] == rows[0].completion[0]
+    # Alice's first completion appears verbatim as her own past turn in her next prompt (after the task).
+    task = len(rows[0].prompt) - 1
+    assert rows[2].prompt[task + 1] == rows[0].completion[0]
 
 
 def test_build_sft_data_samples_in_one_batched_run(tmp_path):

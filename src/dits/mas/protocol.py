@@ -28,22 +28,13 @@ class ProtocolConfig(BaseModel):
         description="when an utterance has no <A></A> tag, parse a final answer from plain text "
         "(tasks.answers.fallback_answer); only agents whose role gives answers are parsed",
     )
-    worked_example: bool = Field(True, description="show a short worked conversation in the system prompt")
+    worked_example: bool = Field(True, description="show short worked examples as earlier chat turns")
 
 
 _EXCHANGE_RULES = (
     "You are {me}. You and {other} answer a question together. Each of you has private notes that the "
-    "other cannot see. Tell {other} the facts from your notes that matter, in one or two short sentences. "
-    "When you know the answer, write it as <A>answer</A>."
-)
-_EXCHANGE_EXAMPLE = (
-    "Example:\n"
-    "Question: In which country does Kelo live?\n"
-    "Alice's notes: Kelo lives in Varn.\n"
-    "Bob's notes: Varn is a town in Dusland.\n"
-    "Alice: My notes say Kelo lives in Varn. Where is Varn?\n"
-    "Bob: Varn is in Dusland. So the answer is <A>Dusland</A>.\n"
-    "Alice: <A>Dusland</A>"
+    "other cannot see. Share the fact from your notes that matters in one short sentence. When you know "
+    "the answer, give it as <A>answer</A>."
 )
 _SOLVER_RULES = (
     "You are {me}. Solve the problem step by step in a few short lines. {other} checks your work. "
@@ -53,17 +44,45 @@ _CRITIC_RULES = (
     "You are {me}. {other} solves the problem. Check each step of {other}'s reasoning. Point out any "
     "mistake briefly. Do not give the final answer yourself. If every step is right, say that it is right."
 )
-_DEBATE_EXAMPLE = (
-    "Example:\n"
-    "Problem: Tom has 3 bags with 4 apples each. He eats 2. How many apples are left?\n"
-    "Alice: 3 bags of 4 is 3 * 4 = 12. He eats 2, so 12 - 2 = 10. {ans10}\n"
-    "Bob: 3 * 4 = 12 is right and 12 - 2 = 10 is right.\n"
-    "Alice: {ans10}"
-)
+
+# Worked examples are rendered as earlier chat turns (user/assistant pairs), not as prose in the system
+# prompt: SmolLM2-135M never produced an <A> tag from a prose example but copies the format of earlier
+# turns reliably (calibration in benchmarks/task_calibration.py). ``{other}`` is the partner's name.
+_EXCHANGE_DEMOS: tuple[tuple[str, str], ...] = (
+    ("Question: In which city does Kelo live?\nYour notes:\nMira lives in Tosk.\nKelo lives in Varn.",
+     "Kelo lives in Varn. <A>Varn</A>"),
+    ("Question: In which city does Sela live?\nYour notes:\nBrom is married to Tiva.",
+     "My notes say nothing about Sela."),
+    ("Question: In which country does Pum live?\nYour notes:\nGrell is in the country of Dusland.\n\n"
+     "{other}: Pum lives in Grell.",
+     "Grell is in the country of Dusland. <A>Dusland</A>"),
+    ("Question: In which city does Fen live?\nYour notes:\nOra lives in Hask.\n\n"
+     "{other}: Fen lives in Lorn. <A>Lorn</A>",
+     "<A>Lorn</A>"),
+)  # fmt: skip
+_SOLVER_DEMOS: tuple[tuple[str, str], ...] = (
+    ("Problem: Tom has 3 bags with 4 apples each. He eats 2. How many apples are left?",
+     "3 bags of 4 is 3 * 4 = 12. He eats 2, so 12 - 2 = 10. {ans10}"),
+    ("Problem: Ann has 5 cards. She buys 6 more. How many cards does she have now?\n\n"
+     "{other}: 5 + 6 = 11 is right.",
+     "{ans11}"),
+)  # fmt: skip
+_CRITIC_DEMOS: tuple[tuple[str, str], ...] = (
+    ("Problem: Tom has 3 bags with 4 apples each. He eats 2. How many apples are left?\n\n"
+     "{other}: 3 * 4 = 12. 12 - 2 = 10. {ans10}",
+     "3 * 4 = 12 is right and 12 - 2 = 10 is right."),
+    ("Problem: Ann has 5 cards. She buys 6 more. How many cards does she have now?\n\n"
+     "{other}: 5 + 6 = 12. {ans12}",
+     "5 + 6 = 11, not 12."),
+)  # fmt: skip
 
 
 def answer_format(example: Example) -> str:
     return r"\boxed{answer}" if example.metric == "math" else "<A>answer</A>"
+
+
+def _tagged(example: Example, value: str) -> str:
+    return rf"\boxed{{{value}}}" if example.metric == "math" else f"<A>{value}</A>"
 
 
 def gives_answers(example: Example, speaker: int) -> bool:
@@ -71,16 +90,29 @@ def gives_answers(example: Example, speaker: int) -> bool:
     return example.mode == "exchange" or speaker == 0
 
 
-def system_prompt(example: Example, speaker: int, cfg: ProtocolConfig) -> str:
+def system_prompt(example: Example, speaker: int) -> str:
     me, other = AGENTS[speaker], AGENTS[1 - speaker]
     if example.mode == "exchange":
-        rules, demo = _EXCHANGE_RULES.format(me=me, other=other), _EXCHANGE_EXAMPLE
+        return _EXCHANGE_RULES.format(me=me, other=other)
+    rules = _SOLVER_RULES if speaker == 0 else _CRITIC_RULES
+    return rules.format(me=me, other=other, fmt=answer_format(example))
+
+
+def demo_messages(example: Example, speaker: int) -> list[Message]:
+    """The worked examples as earlier chat turns of this agent (same roles and layout as the real task)."""
+    if example.mode == "exchange":
+        demos = _EXCHANGE_DEMOS
     else:
-        fmt = answer_format(example)
-        rules = (_SOLVER_RULES if speaker == 0 else _CRITIC_RULES).format(me=me, other=other, fmt=fmt)
-        ans10 = r"\boxed{10}" if example.metric == "math" else "<A>10</A>"
-        demo = _DEBATE_EXAMPLE.format(ans10=ans10)
-    return f"{rules}\n\n{demo}" if cfg.worked_example else rules
+        demos = _SOLVER_DEMOS if speaker == 0 else _CRITIC_DEMOS
+    fill = {
+        "other": AGENTS[1 - speaker],
+        **{f"ans{n}": _tagged(example, str(n)) for n in (10, 11, 12)},
+    }
+    msgs: list[Message] = []
+    for user, reply in demos:
+        msgs.append({"role": "user", "content": user.format(**fill)})
+        msgs.append({"role": "assistant", "content": reply.format(**fill)})
+    return msgs
 
 
 def task_message(example: Example, speaker: int) -> str:
@@ -103,16 +135,18 @@ def speaker_of(turn_index: int) -> int:
 def render_view(example: Example, turns: Sequence[str], speaker: int, cfg: ProtocolConfig) -> View:
     """What ``speaker`` sees before taking the next turn after ``turns``.
 
-    Layout: system (role, rules, worked example), then one user message with the task and the agent's
-    notes, then the conversation with the agent's own turns as ``assistant`` and the partner's as ``user``.
-    The partner's turns that come before the agent's first turn are appended to the task message, so
-    roles strictly alternate (some chat templates require it).
+    Layout: system (role, rules), the worked examples as earlier turns, then one user message with the
+    task and the agent's notes, then the conversation with the agent's own turns as ``assistant`` and
+    the partner's as ``user``. The partner's turns that come before the agent's first turn are appended to
+    the task message, so roles strictly alternate (some chat templates require it).
     """
     if len(turns) % 2 != speaker:
         turn_of = AGENTS[speaker_of(len(turns))]
         raise ValueError(f"after {len(turns)} turns it is {turn_of}'s turn, not {AGENTS[speaker]}'s")
     other = AGENTS[1 - speaker]
-    msgs: list[Message] = [{"role": "system", "content": system_prompt(example, speaker, cfg)}]
+    msgs: list[Message] = [{"role": "system", "content": system_prompt(example, speaker)}]
+    if cfg.worked_example:
+        msgs += demo_messages(example, speaker)
     user = task_message(example, speaker)
     for i, text in enumerate(turns):
         if speaker_of(i) == speaker:

@@ -86,10 +86,11 @@ class FactsKnobs:
     ``hops``: 1 = one fact, held by one agent, must be reported; 2 = person -> city -> country, one fact
     per agent; 3 = person -> spouse -> city -> country, facts alternating between the agents.
     ``n_distractor``: unrelated facts about other invented entities added to each agent's notes.
+    The defaults (2 hops, 1 distractor) are calibrated on SmolLM2-135M (benchmarks/task_calibration.py).
     """
 
-    hops: int = 1
-    n_distractor: int = 2
+    hops: int = 2
+    n_distractor: int = 1
 
     def __post_init__(self) -> None:
         if self.hops not in (1, 2, 3):
@@ -159,11 +160,12 @@ class ArithKnobs:
 
     Steps apply in story order (no precedence). Operands are drawn from 1..``max_value`` (multipliers and
     divisors from 2..``max_value``); subtraction never goes below zero and division is always exact.
+    The defaults (two numbers up to 10, addition) are calibrated on SmolLM2-135M.
     """
 
     n_operands: int = 2
-    max_value: int = 20
-    operations: tuple[str, ...] = ("+", "-")
+    max_value: int = 10
+    operations: tuple[str, ...] = ("+",)
 
     def __post_init__(self) -> None:
         if self.n_operands < 2:
