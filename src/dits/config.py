@@ -6,6 +6,7 @@ bad value ("backend: tpu") fails at load time with the dotted key and the allowe
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -14,9 +15,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dits.influence.base import InfluenceConfig
 from dits.mas.protocol import ProtocolConfig
 from dits.reward import RewardConfig
+from dits.search.guided import GuideConfig
 from dits.search.mcts import SearchConfig
+from dits.search.pairs import PairConfig
+from dits.select import SelectConfig, Strategy
+from dits.sft_data import SftDataConfig
+from dits.train.config import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -54,6 +61,21 @@ class SamplingConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
+class PipelineConfig(_Section):
+    """The loop of DESIGN.md section 2: which stages, how many iterations, which selection strategies.
+
+    Every method in ``methods`` starts from the same model and shares iteration 0's pool (sft-data, sft,
+    search, pairs, influence); from its ``select`` stage on, each method trains and evaluates its own model.
+    """
+
+    recipe: Literal["isft", "idpo", "isft-dpo"] = "isft-dpo"
+    iterations: int = Field(3, ge=1)
+    methods: list[Strategy] = Field(
+        default_factory=lambda: ["mix"], min_length=1, description="q is Optima, mix is DITS"
+    )
+    evaluate_base: bool = Field(True, description="also evaluate the untrained model on the test split")
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -62,7 +84,14 @@ class RunConfig(_Section):
     protocol: ProtocolConfig = ProtocolConfig()
     reward: RewardConfig = RewardConfig()
     search: SearchConfig = SearchConfig()
+    guide: GuideConfig = GuideConfig()
     rollout: SamplingConfig = SamplingConfig()
+    pairs: PairConfig = PairConfig()
+    sft_data: SftDataConfig = SftDataConfig()
+    train: TrainConfig = TrainConfig()
+    influence: InfluenceConfig = InfluenceConfig()
+    select: SelectConfig = SelectConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     def digest(self, *sections: str) -> str:
         """A short hash of the named sections (all if none): what decides whether an artifact is stale."""
@@ -104,10 +133,15 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read YAML (defaults when ``path`` is None), apply dotted ``overrides`` (``{"search.explore": 4}``),
-    validate."""
-    data: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    defaults: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Read YAML (or start from ``defaults``, else the built-in defaults, when ``path`` is None), apply
+    dotted ``overrides`` (``{"search.explore": 4}``), validate."""
+    data: dict[str, Any] = copy.deepcopy(defaults) if defaults else {}
     source = "(defaults + overrides)"
     if path is not None:
         p = Path(path)

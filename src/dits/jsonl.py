@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -82,3 +82,24 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+def check_manifest(path: str | Path, digest: str, body: Mapping[str, Any], what: str) -> None:
+    """Guard an output directory against mixing artifacts of two configs.
+
+    The first call writes ``{"config_digest": digest, **body}``; a later call with another digest raises,
+    naming the keys of ``body`` whose stored values differ. ``what`` names the artifacts in the message.
+    """
+    p = Path(path)
+    if p.exists():
+        old = json.loads(p.read_text(encoding="utf-8"))
+        if old.get("config_digest") == digest:
+            return
+        new = json.loads(json.dumps(dict(body), default=str))
+        changed = [k for k in new if k in old and old[k] != new[k]]
+        detail = f"; changed: {', '.join(changed)}" if changed else ""
+        raise ValueError(
+            f"{p.parent} holds {what} made under another config (digest {old.get('config_digest')}, now "
+            f"{digest}{detail}); use a new output directory or delete the old one"
+        )
+    write_text_atomic(p, json.dumps({"config_digest": digest, **body}, indent=2, default=str))

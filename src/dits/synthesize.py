@@ -12,6 +12,9 @@ trees as an uninterrupted one.
 Files in the output directory: ``trees.jsonl``, ``t_norm.json``, ``pairs.jsonl`` (one
 :class:`PreferencePair` per line), ``summary.json`` and ``synthesis.json`` (the config digest the trees were
 grown under; a restart with a different config is refused rather than mixing trees).
+
+With ``guide.lam != 0`` the search is influence-guided (:mod:`dits.search.guided`); the guide, the influence
+section and the probe LoRA shape then enter the digest (with λ = 0 the digest is what it always was).
 """
 
 from __future__ import annotations
@@ -22,20 +25,22 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from dits.config import EngineConfig, RunConfig, load_config, parse_overrides
 from dits.engine.base import Engine
-from dits.jsonl import append_jsonl, read_jsonl
+from dits.jsonl import append_jsonl, check_manifest, read_jsonl
 from dits.jsonl import write_text_atomic as write_atomic
 from dits.mas.protocol import ProtocolConfig, prefixed, render_view, turn_prefix
-from dits.search.mcts import run_search
-from dits.search.pairs import PairCandidate, mine_pairs
+from dits.search.guided import InfluenceGuide, guide_for_run
+from dits.search.mcts import OnStep, q_value, run_search
+from dits.search.pairs import HIGH_TAU_DATASETS, PairCandidate, PairConfig, default_tau, mine_pairs
 from dits.search.rollout import DialogueRollouter, TNormCalibration, calibrate_t_norm
 from dits.search.tree import Tree
 from dits.tasks.example import Example
@@ -68,29 +73,6 @@ PAIRS_FILE = "pairs.jsonl"
 T_NORM_FILE = "t_norm.json"
 SUMMARY_FILE = "summary.json"
 MANIFEST_FILE = "synthesis.json"
-
-HIGH_TAU_DATASETS = frozenset({"math", "arc", "mmlu", "arith"})
-"""Datasets whose pairs need ``Q(best) > 0.45`` instead of 0.4 (DESIGN.md section 6; ``arith``, the built-in
-debate task, is treated like them)."""
-
-
-def default_tau(dataset: str) -> float:
-    """The published pair threshold for a dataset."""
-    return 0.45 if dataset in HIGH_TAU_DATASETS else 0.4
-
-
-class PairConfig(BaseModel):
-    """Pair mining knobs (DESIGN.md section 6); ``tau=None`` takes :func:`default_tau` per dataset."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tau: float | None = None
-    min_gap: float = Field(0.2, ge=0)
-    keep_top_fraction: float = Field(0.5, gt=0, le=1)
-    rounding: Literal["reference", "ceil"] = "reference"
-
-    def tau_for(self, dataset: str) -> float:
-        return self.tau if self.tau is not None else default_tau(dataset)
 
 
 class PreferencePair(PairCandidate):
@@ -131,6 +113,11 @@ class SynthesisSummary(BaseModel):
     trees_path: str
     pairs_path: str
     t_norm_path: str
+    guide_pairs_scored: int = 0
+    """Influence-guided search: pairs scored by its estimator during this call (0 when λ = 0)."""
+    guide_flops: float = 0.0
+    """What that scoring cost, estimator preparation included (the engine ledger holds it too)."""
+    guide_seconds: float = 0.0
 
     def line(self) -> str:
         return (
@@ -299,22 +286,15 @@ def _run_digest(run_cfg: RunConfig) -> str:
     keep = {k: data[k] for k in ("task", "protocol", "reward", "search", "rollout")}
     keep["seed"] = run_cfg.seed
     keep["engine"] = {k: data["engine"][k] for k in ("backend", "model", "dtype")}
+    if run_cfg.guide.lam != 0:  # guided trees also depend on how Î is estimated (λ = 0: digest unchanged)
+        keep.update(guide=data["guide"], influence=data["influence"], probe_lora=data["train"]["lora"])
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_manifest(out_dir: Path, run_cfg: RunConfig) -> None:
-    path = out_dir / MANIFEST_FILE
-    digest = _run_digest(run_cfg)
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8")).get("config_digest")
-        if old != digest:
-            raise ValueError(
-                f"{out_dir} holds trees grown under another config (digest {old}, now {digest}); "
-                "use a new output directory or delete the old one"
-            )
-        return
-    body = {"config_digest": digest, "config": run_cfg.model_dump(mode="json")}
-    write_atomic(path, json.dumps(body, indent=2))
+    check_manifest(
+        out_dir / MANIFEST_FILE, _run_digest(run_cfg), {"config": run_cfg.model_dump(mode="json")}, "trees"
+    )
 
 
 def _unique(examples: Sequence[Example]) -> dict[str, Example]:
@@ -324,6 +304,17 @@ def _unique(examples: Sequence[Example]) -> dict[str, Example]:
             raise ValueError(f"duplicate example id {ex.id!r}")
         by_id[ex.id] = ex
     return by_id
+
+
+def _with_guide(guide: InfluenceGuide | None, show: Callable[[], None]) -> OnStep:
+    """The search's per-step hook: refresh the guide's Î (when guided), then the progress bar."""
+
+    def on_step(step: int, trees: list[Tree]) -> None:
+        if guide is not None:
+            guide.on_step(step, trees)
+        show()
+
+    return on_step
 
 
 def synthesize(
@@ -336,9 +327,14 @@ def synthesize(
     progress: bool = True,
     pairs: PairConfig | None = None,
     t_norm: float | None = None,
+    guide: InfluenceGuide | None = None,
 ) -> SynthesisSummary:
     """Grow (or finish growing) one tree per example into ``out_dir/trees.jsonl``, then mine
-    ``out_dir/pairs.jsonl``. Safe to call again after a crash: it continues where the file stops."""
+    ``out_dir/pairs.jsonl``. Safe to call again after a crash: it continues where the file stops.
+
+    With ``run_cfg.guide.lam != 0`` the trees select by ``Q + λ·Î`` (:mod:`dits.search.guided`), the
+    estimator prepared on the engine's active adapter when the first tree is to be grown; ``guide``
+    replaces that guide (tests inject one with a fake estimator)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     t0 = time.perf_counter()
@@ -346,7 +342,7 @@ def synthesize(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_id = _unique(examples)
-    pair_cfg = pairs or PairConfig()
+    pair_cfg = pairs or run_cfg.pairs
     _check_manifest(out, run_cfg)
 
     trees_path = out / TREES_FILE
@@ -387,6 +383,7 @@ def synthesize(
 
     show()
     trees_new = 0
+    stack = ExitStack()
     try:
         # Shards are cut at fixed positions of the task list and always run whole, so every tree is grown
         # in exactly the batches of an uninterrupted run: batched float arithmetic depends (in the last
@@ -397,12 +394,15 @@ def synthesize(
             missing = [ex for ex in shard if ex.id not in done]
             if not missing:
                 continue
+            if guide is None and run_cfg.guide.lam != 0:  # prepared only once a tree is to be grown
+                guide = stack.enter_context(guide_for_run(engine, run_cfg, by_id))
             trees = run_search(
                 [ex.id for ex in shard],
                 rollouter,
                 run_cfg.search,
                 seed=run_cfg.seed,
-                on_step=lambda _step, _trees: show(),
+                value_fn=guide if guide is not None else q_value,
+                on_step=_with_guide(guide, show),
             )
             rollouter.forget(ex.id for ex in shard)
             new = [(ex, tree) for ex, tree in zip(shard, trees, strict=True) if ex.id not in done]
@@ -415,6 +415,7 @@ def synthesize(
             show()
     finally:
         bar.close()
+        stack.close()
 
     # Mine from what is on disk: the pairs always describe the stored trees.
     stored = {t.task_id: t for t in read_trees(trees_path)}
@@ -439,6 +440,9 @@ def synthesize(
         trees_path=str(trees_path),
         pairs_path=str(pairs_path),
         t_norm_path=str(out / T_NORM_FILE),
+        guide_pairs_scored=guide.pairs_scored if guide is not None else 0,
+        guide_flops=guide.cost.flops if guide is not None else 0.0,
+        guide_seconds=round(guide.cost.seconds, 3) if guide is not None else 0.0,
     )
     write_atomic(out / SUMMARY_FILE, summary.model_dump_json(indent=2))
     log.info("synthesize: %s", summary.line())
@@ -475,7 +479,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         raise SystemExit(f"no {cfg.task.dataset} {args.split} tasks to search (check task.{args.split})")
     engine = engine_from_config(cfg.engine)
     out = Path(args.out) if args.out else Path("runs") / cfg.name / "synthesize"
-    pair_cfg = PairConfig(tau=args.tau, min_gap=args.min_gap, keep_top_fraction=args.keep_fraction)
+    flags = {"tau": args.tau, "min_gap": args.min_gap, "keep_top_fraction": args.keep_fraction}
+    pair_cfg = cfg.pairs.model_copy(update={k: v for k, v in flags.items() if v is not None})
     summary = synthesize(
         engine, examples, cfg, out, shard_size=args.shard_size, progress=not args.no_progress, pairs=pair_cfg
     )
@@ -504,10 +509,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--shard-size", type=int, default=8, help="trees grown in lockstep (default 8)")
     p.add_argument(
-        "--tau", type=float, help="pair threshold on Q(chosen) (default 0.4; 0.45 math/arc/mmlu/arith)"
+        "--tau", type=float, help="pair threshold on Q(chosen) (pairs.tau: 0.4; 0.45 math/arc/mmlu/arith)"
     )
-    p.add_argument("--min-gap", type=float, default=0.2, help="pair threshold on Q(chosen) - Q(rejected)")
-    p.add_argument("--keep-fraction", type=float, default=0.5, help="per tree, keep this top fraction")
+    p.add_argument("--min-gap", type=float, help="pair threshold on Q(chosen) - Q(rejected) (pairs.min_gap)")
+    p.add_argument(
+        "--keep-fraction", type=float, help="per tree, keep this top fraction (pairs.keep_top_fraction)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synthesize)
     return p

@@ -1,0 +1,79 @@
+"""What an estimator is prepared on: θ (a named LoRA adapter on the engine) and the validation split.
+
+θ must be a LoRA because the one-step probe trains an adapter's tensors and copies them back. For the
+base model, :func:`probe_adapter` adds a fresh LoRA with B = 0 (the same function as the base), its A
+drawn from a seeded generator so that a rerun builds the same θ and a resumed scoring run can check it
+(:func:`adapter_digest`) instead of silently mixing scores of two different probes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dits.tasks.example import Example
+from dits.tasks.source import TaskSource, examples_for
+from dits.train.config import LoraSettings
+
+__all__ = [
+    "PROBE_ADAPTER",
+    "THETA_ADAPTER",
+    "adapter_digest",
+    "load_theta",
+    "probe_adapter",
+    "validation_examples",
+]
+
+PROBE_ADAPTER = "influence-probe"
+THETA_ADAPTER = "theta"
+
+
+def validation_examples(task_cfg: TaskSource) -> list[Example]:
+    """The ``dev`` split as configured (``task.dev`` tasks): disjoint from train and test by construction
+    for built-in tasks, and by the loaders' split files otherwise."""
+    examples = examples_for(task_cfg, "dev")
+    if not examples:
+        raise ValueError("influence needs validation tasks: set task.dev > 0")
+    return examples
+
+
+def _drop(engine: Any, name: str) -> None:
+    if name in getattr(engine.model, "peft_config", {}):
+        if engine.active_adapter == name:
+            engine.set_adapter(None)
+        engine.delete_adapter(name)
+
+
+def probe_adapter(engine: Any, lora: LoraSettings, *, seed: int, name: str = PROBE_ADAPTER) -> str:
+    """Add (or re-create) a fresh LoRA ``name`` whose initialisation depends only on ``seed``; it is not
+    made active. Returns the name."""
+    _drop(engine, name)
+    with torch.random.fork_rng():  # PEFT draws A from the global generator: seed it, leave it as it was
+        torch.manual_seed(seed)
+        engine.add_adapter(name, lora.to_peft())
+    engine.model.eval()
+    return name
+
+
+def load_theta(engine: Any, path: str | Path, name: str = THETA_ADAPTER) -> str:
+    """Load a saved adapter directory as θ under ``name`` (replacing one of that name). Returns the name."""
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path} is not an adapter directory (no adapter_config.json)")
+    _drop(engine, name)
+    engine.load_adapter(name, str(path))
+    return name
+
+
+def adapter_digest(engine: Any, name: str) -> str:
+    """A short hash of an adapter's tensors (names and exact bytes): θ's identity in a manifest."""
+    from dits.train.common import adapter_parameters
+
+    h = hashlib.sha256()
+    for pname, p in sorted(adapter_parameters(engine, name).items()):
+        h.update(pname.encode())
+        h.update(str(p.dtype).encode())
+        h.update(p.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

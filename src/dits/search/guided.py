@@ -1,0 +1,206 @@
+"""Influence-guided search (DESIGN.md section 7): a tree picks the node to grow by ``Q + λ·Î``.
+
+``Î(node)`` is the estimated influence of the preference pairs mined under the node: the mean score of the
+candidate pairs whose parent lies in the node's subtree (the node itself included), 0 where there is none.
+A tree's candidate pairs are, at any moment, each node's current (best, worst) child pair by Q, with no
+thresholds: Q is still noisy during the search and a threshold would leave most of the tree at Î = 0.
+
+Every pair is scored on its own (a chunk of one) and cached by :func:`~dits.influence.base.pair_key`. The
+key names the parent and both children, hence the prompt and both responses, which are all a DPO step
+reads, so a cached score stays exact while θ is fixed; only pairs that appear (or whose best/worst child
+changes) are scored. Per-pair scores also make Î additive over a subtree: the first-order (``gradient``)
+score of a chunk is the mean of its pairs' scores.
+
+The guide plugs into :func:`~dits.search.mcts.run_search` without touching it: the guide object is the
+``value_fn`` and its :meth:`InfluenceGuide.on_step` the ``on_step`` hook, which re-estimates Î for all trees
+after every ``every`` steps (before the next selection). Scoring charges the engine's ledger (the estimators
+meter themselves) and is summed in :attr:`InfluenceGuide.cost`.
+
+With λ = 0 the value is ``node.q`` itself and the estimator is never called (nor prepared, by
+:func:`guide_for_run`), so the search is exactly the Q-value search.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dits.influence.base import Cost, InfluenceScore, pair_key
+from dits.search.pairs import PairCandidate, Renderer, mine_pairs
+from dits.search.tree import Node, Tree
+
+if TYPE_CHECKING:
+    from dits.config import RunConfig
+    from dits.tasks.example import Example
+
+__all__ = [
+    "ChunkScorer",
+    "GuideConfig",
+    "InfluenceGuide",
+    "candidate_pairs",
+    "guide_for_run",
+    "subtree_influence",
+]
+
+
+class GuideConfig(BaseModel):
+    """Influence-guided search knobs; the defaults (λ = 0) are the plain Q-value search."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lam: float = Field(0.0, allow_inf_nan=False, description="λ in Q + λ·Î; 0 is the Q-value search, exactly")
+    estimator: Literal["likelihood", "gradient"] = Field(
+        "gradient", description="the cheap estimator that scores pairs during the search"
+    )
+    every: int = Field(1, ge=1, description="re-estimate Î after every this many selection steps")
+    scale: Literal["tree", "none"] = Field(
+        "tree",
+        description="'tree': Î divided by the largest |score| of the tree's pairs, so Î is in [-1, 1] and λ "
+        "is on the scale of Q; 'none': raw influence (a change in mean metric, often ~1e-4)",
+    )
+
+
+class ChunkScorer(Protocol):
+    """What the guide needs of an estimator: a prepared :class:`~dits.influence.base.InfluenceEstimator`."""
+
+    def score(self, chunks: Sequence[Sequence[PairCandidate]]) -> list[InfluenceScore]: ...
+
+
+def candidate_pairs(tree: Tree) -> list[PairCandidate]:
+    """Each node's current (best, worst) child pair by Q, unfiltered (see the module docstring)."""
+    return mine_pairs(tree, tau=-math.inf, min_gap=0.0, keep_top_fraction=1.0)
+
+
+def subtree_influence(tree: Tree, scores: Mapping[str, float]) -> dict[str, float]:
+    """Mean of the pair scores (keyed by the pair's parent node id) over each node's subtree, the node
+    included. Nodes with no scored pair at or below them are absent (Î = 0)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for nid, s in scores.items():
+        for up in tree.path(nid):
+            sums[up] = sums.get(up, 0.0) + s
+            counts[up] = counts.get(up, 0) + 1
+    return {nid: sums[nid] / counts[nid] for nid in sums}
+
+
+class InfluenceGuide:
+    """The value ``Q + λ·Î`` (call it as a ``value_fn``) and the hook that keeps Î current (``on_step``)."""
+
+    def __init__(
+        self,
+        cfg: GuideConfig,
+        estimator: ChunkScorer | None = None,
+        *,
+        render: Renderer | None = None,
+        explore: int | None = None,
+        prepare_cost: Cost | None = None,
+    ) -> None:
+        """``render(task_id, prefix, speaker)`` fills each pair's prompt before scoring (a DPO step needs
+        it); ``explore``, the search's step count, skips the refresh after the last step (nothing reads
+        it); ``prepare_cost`` is the estimator's one-off cost, counted in :attr:`cost`."""
+        if cfg.lam != 0 and estimator is None:
+            raise ValueError("an influence-guided search with lam != 0 needs an estimator")
+        self.cfg = cfg
+        self.estimator = estimator
+        self.render = render
+        self.explore = explore
+        self.values: dict[str, dict[str, float]] = {}
+        """Î by task id, then node id (absent: 0)."""
+        self.cache: dict[str, float] = {}
+        """Score of every pair scored so far, by pair key."""
+        self.cost = (prepare_cost or Cost()).model_copy()
+        self.refreshes = 0
+
+    @property
+    def pairs_scored(self) -> int:
+        return len(self.cache)
+
+    def influence(self, tree: Tree, node: Node) -> float:
+        """Î(node) as of the last refresh (0 for a node created since, or with no pair under it)."""
+        return self.values.get(tree.task_id, {}).get(node.id, 0.0)
+
+    def __call__(self, tree: Tree, node: Node) -> float:
+        if self.cfg.lam == 0:
+            return node.q
+        return node.q + self.cfg.lam * self.influence(tree, node)
+
+    def on_step(self, step: int, trees: list[Tree]) -> None:
+        """After step ``step``'s insertions: refresh Î when one is due and a selection will read it."""
+        if self.cfg.lam == 0 or (step + 1) % self.cfg.every:
+            return
+        if self.explore is not None and step + 1 >= self.explore:
+            return
+        self.refresh(trees)
+
+    def refresh(self, trees: Sequence[Tree]) -> None:
+        """Score the trees' pairs not seen before (one estimator call for all of them), recompute Î."""
+        assert self.estimator is not None
+        mined = [(tree, candidate_pairs(tree)) for tree in trees]
+        new: dict[str, PairCandidate] = {}
+        for tree, pairs in mined:
+            for p in pairs:
+                key = pair_key(p)
+                if key in self.cache or key in new:
+                    continue
+                if self.render is not None:
+                    p.prompt = self.render(tree.task_id, list(p.prefix), p.speaker)
+                new[key] = p
+        if new:
+            scores = self.estimator.score([[p] for p in new.values()])
+            if len(scores) != len(new):
+                raise ValueError(f"estimator returned {len(scores)} scores for {len(new)} pairs")
+            for key, s in zip(new, scores, strict=True):
+                if not math.isfinite(s.score):
+                    raise ValueError(f"influence of pair {key} is {s.score!r}")
+                self.cache[key] = s.score
+                self.cost.flops += s.cost.flops
+                self.cost.seconds += s.cost.seconds
+        for tree, pairs in mined:
+            by_node = {p.node_id: self.cache[pair_key(p)] for p in pairs}
+            values = subtree_influence(tree, by_node)
+            if self.cfg.scale == "tree":
+                top = max((abs(v) for v in by_node.values()), default=0.0)
+                values = {k: v / top for k, v in values.items()} if top > 0 else {}
+            self.values[tree.task_id] = values
+        self.refreshes += 1
+
+
+@contextmanager
+def guide_for_run(
+    engine: Any, run_cfg: RunConfig, examples: Mapping[str, Example]
+) -> Iterator[InfluenceGuide]:
+    """The guide ``run_cfg.guide`` describes, its estimator prepared on θ = the engine's active adapter.
+
+    With λ = 0 nothing is prepared. With no active adapter (the base model), θ is a fresh seeded LoRA
+    (``run_cfg.train.lora``, B = 0, so it computes the same function as the base) added beside the
+    inactive base for the duration of the block: rollouts keep running on the base model.
+    """
+    cfg = run_cfg.guide
+    if cfg.lam == 0:
+        yield InfluenceGuide(cfg, explore=run_cfg.search.explore)
+        return
+    from dits.influence import make_estimator
+    from dits.influence.inputs import probe_adapter, validation_examples
+    from dits.mas.protocol import render_view
+
+    theta = engine.active_adapter
+    added = None
+    if theta is None:
+        theta = added = probe_adapter(engine, run_cfg.train.lora, seed=run_cfg.influence.seed)
+    try:
+        est = make_estimator(run_cfg.influence.model_copy(update={"estimator": cfg.estimator}))
+        est.prepare(engine, theta, validation_examples(run_cfg.task), run_cfg.protocol)
+
+        def render(task_id: str, prefix: list[str], speaker: int) -> list[dict[str, Any]]:
+            return [dict(m) for m in render_view(examples[task_id], prefix, speaker, run_cfg.protocol)]
+
+        yield InfluenceGuide(
+            cfg, est, render=render, explore=run_cfg.search.explore, prepare_cost=est.prepare_cost
+        )
+    finally:
+        if added is not None:
+            engine.delete_adapter(added)

@@ -1,0 +1,279 @@
+"""Influence-guided search: λ = 0 is the Q-value search exactly; λ ≠ 0 moves selection as computed by hand.
+
+The estimator is replaced by fixed per-pair scores (a function of the pair), so every Î is known; the
+model side is the scripted rollouter of ``test_mcts`` (and the seeded engine of ``test_rollout`` for the
+``synthesize`` path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytest
+
+from dits.config import parse_config
+from dits.influence.base import Cost, InfluenceScore, pair_key
+from dits.search.guided import GuideConfig, InfluenceGuide, candidate_pairs, subtree_influence
+from dits.search.mcts import SearchConfig, run_search, selection_distribution
+from dits.search.pairs import PairCandidate
+from dits.search.tree import ROOT_ID, Tree
+from dits.synthesize import synthesize
+from tests.test_mcts import TASKS, ScriptedRollouter
+from tests.test_rollout import SeededEngine
+from tests.test_synthesize import LOW, _cfg, _many, _tree_lines
+
+
+class FixedScores:
+    """A stand-in estimator: ``fn(pair)`` per single-pair chunk, 10 FLOPs and 0.5 s each; records calls."""
+
+    def __init__(self, fn: Callable[[PairCandidate], float]) -> None:
+        self.fn = fn
+        self.calls: list[list[PairCandidate]] = []
+
+    def score(self, chunks: Sequence[Sequence[PairCandidate]]) -> list[InfluenceScore]:
+        assert all(len(c) == 1 for c in chunks)
+        self.calls.append([c[0] for c in chunks])
+        return [
+            InfluenceScore(
+                candidate=i,
+                pair_ids=[pair_key(p) for p in c],
+                score=self.fn(c[0]),
+                estimator="fixed",
+                cost=Cost(flops=10.0, seconds=0.5),
+            )
+            for i, c in enumerate(chunks)
+        ]
+
+
+class Forbidden:
+    def score(self, chunks: Sequence[Sequence[PairCandidate]]) -> list[InfluenceScore]:
+        raise AssertionError("λ = 0 must never call the estimator")
+
+
+def hashed(pair: PairCandidate) -> float:
+    """A fixed score in [-1, 1) per pair, unrelated to Q."""
+    return int(hashlib.sha256(pair_key(pair).encode()).hexdigest()[:8], 16) / 2**31 - 1.0
+
+
+def _json(trees: list[Tree]) -> list[str]:
+    return [t.to_json() for t in trees]
+
+
+# -- λ = 0 -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["reference", "uct"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_lambda_zero_grows_the_plain_trees_and_never_scores(policy: str, seed: int) -> None:
+    cfg = SearchConfig(explore=6, expand=2, policy=policy)
+    plain = run_search(TASKS, ScriptedRollouter(), cfg, seed=seed)
+    guide = InfluenceGuide(GuideConfig(lam=0.0), Forbidden(), explore=cfg.explore)
+    guided = run_search(TASKS, ScriptedRollouter(), cfg, seed=seed, value_fn=guide, on_step=guide.on_step)
+    assert _json(guided) == _json(plain)
+    assert guide.refreshes == 0 and guide.pairs_scored == 0
+
+    # The same comparison does see a guide that acts: a large λ changes some tree.
+    acting = InfluenceGuide(GuideConfig(lam=5.0), FixedScores(hashed), explore=cfg.explore)
+    moved = run_search(TASKS, ScriptedRollouter(), cfg, seed=seed, value_fn=acting, on_step=acting.on_step)
+    assert acting.pairs_scored > 0
+    if policy == "reference":
+        assert _json(moved) != _json(plain)
+
+
+def test_lambda_zero_synthesize_writes_the_plain_trees(tmp_path) -> None:
+    examples = _many(4)
+    cfg = _cfg()
+    synthesize(SeededEngine(), examples, cfg, tmp_path / "plain", shard_size=2, progress=False, pairs=LOW)
+    guide = InfluenceGuide(GuideConfig(lam=0.0), Forbidden())
+    s = synthesize(
+        SeededEngine(),
+        examples,
+        cfg,
+        tmp_path / "guided",
+        shard_size=2,
+        progress=False,
+        pairs=LOW,
+        guide=guide,
+    )
+    assert _tree_lines(tmp_path / "guided" / "trees.jsonl") == _tree_lines(tmp_path / "plain" / "trees.jsonl")
+    assert s.guide_pairs_scored == 0
+
+
+# -- λ ≠ 0, by hand ----------------------------------------------------------------------------------
+
+
+def _hand_tree() -> Tree:
+    """Root → A (Q .5) and Z (Q .4); A → A1 (1.0), A2 (0.0); Z → Z1 (.6), Z2 (.2); each with a leaf.
+
+    Candidates: the root (Q .45), A (n1) and Z (n6); pairs at the root (A vs Z), at A and at Z."""
+    tree = Tree.new("hand")
+    for texts, reward in [
+        (["Alice: apples are red", "Bob: yes they are red", "Alice: fine"], 1.0),
+        (["Alice: apples are red", "Bob: the sky looks grey today", "Alice: ok then"], 0.0),
+        (["Alice: Zorvath lives in Melbrook", "Bob: 17 plus 25 is 42", "Alice: right"], 0.6),
+        (["Alice: Zorvath lives in Melbrook", "Bob: I am not sure at all", "Alice: hmm"], 0.2),
+    ]:
+        tree.record_rollout(ROOT_ID, texts, reward)
+    return tree
+
+
+HAND_SCORES = {"n0": 0.3, "n1": -0.2, "n6": 0.4}
+
+
+def test_hand_tree_structure() -> None:
+    tree = _hand_tree()
+    assert [tree.nodes[n].utterance for n in ("n1", "n6")] == [
+        "Alice: apples are red",
+        "Alice: Zorvath lives in Melbrook",
+    ]
+    assert {p.node_id: (p.chosen_id, p.rejected_id) for p in candidate_pairs(tree)} == {
+        "n0": ("n1", "n6"),
+        "n1": ("n2", "n4"),
+        "n6": ("n7", "n9"),
+    }
+    assert [tree.nodes[n].q for n in ("n0", "n1", "n6")] == pytest.approx([0.45, 0.5, 0.4])
+    assert subtree_influence(tree, HAND_SCORES) == pytest.approx({"n0": 0.5 / 3, "n1": -0.2, "n6": 0.4})
+
+
+@pytest.mark.parametrize(
+    ("scale", "lam", "expected"),
+    [
+        # none: Î = mean of the pair scores under the node: n0 (.3 - .2 + .4) / 3, n1 -.2, n6 .4
+        ("none", 1.0, {"n0": 0.45 + 0.5 / 3, "n1": 0.5 - 0.2, "n6": 0.4 + 0.4}),
+        # tree: divided by the largest |score| (.4): n0 .41667, n1 -.5, n6 1
+        ("tree", 0.5, {"n0": 0.45 + 0.5 * (0.5 / 3) / 0.4, "n1": 0.5 - 0.25, "n6": 0.4 + 0.5}),
+    ],
+)
+def test_guided_selection_equals_the_hand_computation(scale: str, lam: float, expected: dict) -> None:
+    tree = _hand_tree()
+    rendered: list[tuple[str, list[str], int]] = []
+
+    def render(task_id: str, prefix: list[str], speaker: int) -> list[dict]:
+        rendered.append((task_id, prefix, speaker))
+        return [{"role": "user", "content": " / ".join(prefix)}]
+
+    est = FixedScores(lambda p: HAND_SCORES[p.node_id])
+    guide = InfluenceGuide(GuideConfig(lam=lam, scale=scale), est, render=render)
+    guide.refresh([tree])
+    assert all(p.prompt is not None for p in est.calls[0])  # rendered before scoring
+    assert sorted((r[0], len(r[1])) for r in rendered) == [("hand", 0), ("hand", 1), ("hand", 1)]
+
+    cfg = SearchConfig(top_k=10)
+    ids, probs = selection_distribution(tree, cfg, guide)
+    order = sorted(expected, key=lambda n: -expected[n])
+    assert ids == order == ["n6", "n0", "n1"]
+    weights = np.exp([expected[n] for n in order])
+    np.testing.assert_allclose(probs, weights / weights.sum(), rtol=1e-12)
+
+    # With top_k = 1 the choice is deterministic: Q alone picks A (n1), the guided value picks Z (n6).
+    assert selection_distribution(tree, SearchConfig(top_k=1))[0] == ["n1"]
+    assert selection_distribution(tree, SearchConfig(top_k=1), guide)[0] == ["n6"]
+    # Nodes with no pair under them keep their Q.
+    assert guide(tree, tree.nodes["n2"]) == tree.nodes["n2"].q
+
+
+def test_refresh_schedule_scores_each_pair_once_and_charges_its_cost() -> None:
+    est = FixedScores(hashed)
+    cfg = SearchConfig(explore=6, expand=3)
+    guide = InfluenceGuide(
+        GuideConfig(lam=1.0, every=2), est, explore=cfg.explore, prepare_cost=Cost(flops=7.0)
+    )
+    refreshed_at: list[int] = []
+
+    def on_step(step: int, trees: list[Tree]) -> None:
+        before = guide.refreshes
+        guide.on_step(step, trees)
+        if guide.refreshes > before:
+            refreshed_at.append(step)
+            for tree in trees:  # Î now equals a recount from the tree's current pairs
+                by_node = {p.node_id: hashed(p) for p in candidate_pairs(tree)}
+                top = max((abs(v) for v in by_node.values()), default=0.0)
+                expect = {k: v / top for k, v in subtree_influence(tree, by_node).items()} if top else {}
+                assert guide.values[tree.task_id] == pytest.approx(expect)
+
+    run_search(TASKS, ScriptedRollouter(), cfg, seed=2, value_fn=guide, on_step=on_step)
+    assert refreshed_at == [1, 3]  # every 2 steps, but not after the last step (5): no selection reads it
+    assert len(est.calls) == 2
+    keys = [pair_key(p) for call in est.calls for p in call]
+    assert len(keys) == len(set(keys)) == guide.pairs_scored > 0
+    assert guide.cost.flops == 7.0 + 10.0 * len(keys)
+    assert guide.cost.seconds == pytest.approx(0.5 * len(keys))
+
+
+def test_synthesize_with_a_guide_counts_its_scoring_and_keys_the_manifest(tmp_path) -> None:
+    examples = _many(2)
+    cfg = _cfg()
+    guided_cfg = parse_config({**json.loads(cfg.model_dump_json()), "guide": {"lam": 2.0}})
+    guide = InfluenceGuide(guided_cfg.guide, FixedScores(hashed), explore=cfg.search.explore)
+    s = synthesize(
+        SeededEngine(), examples, guided_cfg, tmp_path / "g", progress=False, pairs=LOW, guide=guide
+    )
+    assert s.guide_pairs_scored == guide.pairs_scored > 0
+    assert s.guide_flops == 10.0 * guide.pairs_scored
+
+    # A directory grown without the guide refuses a guided rerun (and the other way round).
+    synthesize(SeededEngine(), examples, cfg, tmp_path / "plain", progress=False, pairs=LOW)
+    with pytest.raises(ValueError, match="another config"):
+        synthesize(SeededEngine(), examples, guided_cfg, tmp_path / "plain", progress=False, guide=guide)
+    with pytest.raises(ValueError, match="another config"):
+        synthesize(SeededEngine(), examples, cfg, tmp_path / "g", progress=False)
+
+
+def test_a_nonzero_lambda_needs_an_estimator() -> None:
+    with pytest.raises(ValueError, match="estimator"):
+        InfluenceGuide(GuideConfig(lam=0.5))
+    with pytest.raises(ValueError):
+        GuideConfig(lam=float("inf"))
+
+
+# -- the real estimator, end to end -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_guided_synthesize_on_the_embedded_model(engine, tmp_path) -> None:
+    """λ ≠ 0 through ``synthesize`` alone: θ is the base model, probed by a fresh LoRA that is added beside
+    it (inactive, so rollouts still run on the base) and removed at the end; pairs are rendered and scored
+    by the gradient estimator, and its cost lands in the ledger."""
+    import torch
+
+    from dits.influence.inputs import PROBE_ADAPTER
+    from dits.tasks.builtin import make_builtin
+
+    cfg = parse_config(
+        {
+            "search": {"explore": 3, "expand": 2},
+            "protocol": {"max_turns": 2, "max_new_tokens": 12, "worked_example": False},
+            "task": {"dataset": "facts", "dev": 1},
+            "influence": {"samples_per_task": 2, "optimizer": "sgd", "lr": 1e-3},
+            "train": {"lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}},
+            "guide": {"lam": 1.0, "estimator": "gradient"},
+        }
+    )
+    examples = make_builtin("facts", "train", 1, seed=0)
+    seen: set[tuple[str | None, bool]] = set()  # (active adapter, a rollout of the searched task?)
+    original = engine.generate
+
+    def generate(views, sampling, seeds=None):  # type: ignore[no-untyped-def]
+        for view in views:
+            searched = any(examples[0].question in m["content"] for m in view)
+            seen.add((engine.active_adapter, searched))
+        return original(views, sampling, seeds)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    before = engine.ledger.snapshot()
+    try:
+        engine.generate = generate  # type: ignore[method-assign]
+        s = synthesize(engine, examples, cfg, tmp_path, progress=False, pairs=LOW)
+    finally:
+        del engine.generate
+        torch.set_num_threads(threads)
+    assert s.guide_pairs_scored >= 1  # after steps 0 and 1 the root has two children of different Q
+    assert 0 < s.guide_flops <= engine.ledger.flops(engine.ledger.snapshot() - before)
+    # Rollouts ran on the base; the validation samples under θ, the probe (the same function, B = 0).
+    assert seen == {(None, True), (PROBE_ADAPTER, False)}
+    assert PROBE_ADAPTER not in getattr(engine.model, "peft_config", {})
+    assert engine.active_adapter is None
