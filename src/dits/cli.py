@@ -58,15 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_smoke)
 
-    from dits import evaluate, synthesize
+    from dits import evaluate, influence_cmd, select_cmd, synthesize
 
     evaluate.add_parser(sub)
     synthesize.add_parser(sub)
+    influence_cmd.add_parser(sub)
+    select_cmd.add_parser(sub)
 
-    p = sub.add_parser("demo", help="the main job on the embedded model and built-in tasks")
-    _engine_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.set_defaults(func=cmd_smoke)
+    from dits import pipeline, report
+
+    pipeline.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 

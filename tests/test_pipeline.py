@@ -1,0 +1,207 @@
+"""The loop: stage skip/refuse/resume rules, kill-and-rerun equivalence, and the report vs. the artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dits.ledger import Ledger
+from dits.pipeline.stage import StageChanged, differences, read_manifest, run_stage
+
+# -- stage rules (no model) ---------------------------------------------------------------------------
+
+
+def _stage(tmp: Path, inputs: dict, calls: list[int], force: bool = False, fail: bool = False):
+    book = Ledger(params=10)
+
+    def body(out: Path) -> dict[str, float]:
+        calls.append(1)
+        with open(out / "records.jsonl", "a") as fh:
+            fh.write("x\n")
+        book.charge(prompt_tokens=3)
+        if fail:
+            raise KeyboardInterrupt
+        return {"records": (out / "records.jsonl").read_text().count("\n")}
+
+    return run_stage(tmp / "s", stage="s", iteration=0, method=None, inputs=inputs, body=body,
+                     ledger=lambda: book, force=force)  # fmt: skip
+
+
+def test_finished_stage_is_skipped_and_charged_its_own_cost(tmp_path):
+    calls: list[int] = []
+    first = _stage(tmp_path, {"a": 1}, calls)
+    again = _stage(tmp_path, {"a": 1}, calls)
+    assert len(calls) == 1 and again == first
+    assert first.ledger["prompt_tokens"] == 3 and first.ledger["flops"] == 2 * 10 * 3
+    assert read_manifest(tmp_path / "s") == first
+
+
+def test_cut_stage_resumes_in_place_and_changed_inputs_are_refused(tmp_path):
+    calls: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        _stage(tmp_path, {"a": 1, "b": {"c": 2}}, calls, fail=True)
+    assert read_manifest(tmp_path / "s") is None
+    # A rerun with other inputs is refused, naming the key, whether the stage finished or not.
+    with pytest.raises(StageChanged, match=r"b\.c: 2 -> 3"):
+        _stage(tmp_path, {"a": 1, "b": {"c": 3}}, calls)
+    done = _stage(tmp_path, {"a": 1, "b": {"c": 2}}, calls)  # resumes: the appended record is kept
+    assert done.counts["records"] == 2
+    with pytest.raises(StageChanged, match=r"a: 1 -> 5"):
+        _stage(tmp_path, {"a": 5, "b": {"c": 2}}, calls)
+    redone = _stage(tmp_path, {"a": 5, "b": {"c": 2}}, calls, force=True)  # wiped, then redone
+    assert redone.counts["records"] == 1 and redone.inputs["a"] == 5
+
+
+def test_differences_lists_leaves():
+    assert differences({"x": {"y": 1, "z": 2}}, {"x": {"y": 1, "z": 3}, "w": 0}) == [
+        "w: '(absent)' -> 0",
+        "x.z: 2 -> 3",
+    ]
+
+
+# -- a tiny real run -------------------------------------------------------------------------------
+
+TINY = {
+    "name": "tiny",
+    "task": {"dataset": "facts", "train": 2, "dev": 2, "test": 3, "knobs": {"hops": 1, "n_distractor": 0}},
+    "protocol": {"max_turns": 2, "max_new_tokens": 10},
+    "search": {"explore": 1, "expand": 2},
+    "pairs": {"tau": -10.0, "min_gap": 0.0},
+    "influence": {"estimator": "likelihood", "chunk_size": 1, "val_tasks": 2, "samples_per_task": 1},
+    "train": {"dpo": {"max_steps": 1, "batch_size": 2}},
+    "pipeline": {"recipe": "idpo", "iterations": 1, "methods": ["q", "mix"]},
+}
+
+
+def _run(engine, root: Path, **kw):
+    from dits.config import parse_config
+    from dits.pipeline import Pipeline
+
+    return Pipeline(parse_config(TINY), root, engine=engine, progress=False, **kw).run()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(engine, one_thread, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs_a")
+    _run(engine, root)
+    return root / "tiny"
+
+
+ARTIFACTS = [
+    "iter_0/search/trees.jsonl",
+    "iter_0/search/pairs.jsonl",
+    "iter_0/influence/scores.jsonl",
+    "iter_0/select-q/selected.jsonl",
+    "iter_0/select-mix/selected.jsonl",
+    "iter_0/dpo-q/adapter_model.safetensors",
+    "iter_0/dpo-mix/adapter_model.safetensors",
+    "iter_0/evaluate-q/transcripts.jsonl",
+    "iter_0/evaluate-mix/transcripts.jsonl",
+    "base/evaluate/transcripts.jsonl",
+]
+
+
+def _scores_without_cost(path: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(r["candidate"], r["pair_ids"], r["score"]) for r in rows]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrupted, tmp_path, monkeypatch):
+    import dits.synthesize
+    import dits.train.dpo
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt("killed")
+
+    # 1) killed in the search stage, after the trees were appended and before the pairs were written
+    with monkeypatch.context() as m:
+        m.setattr(dits.synthesize, "mine_tree_pairs", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _run(engine, tmp_path)
+    run = tmp_path / "tiny"
+    assert (run / "iter_0/search/trees.jsonl").exists() and read_manifest(run / "iter_0/search") is None
+    # 2) killed in the first DPO training, before the adapter was saved
+    with monkeypatch.context() as m:
+        m.setattr(dits.train.dpo, "finish_training", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _run(engine, tmp_path)
+    assert read_manifest(run / "iter_0/search") is not None
+    assert read_manifest(run / "iter_0/dpo-q") is None
+    # 3) the rerun completes
+    _run(engine, tmp_path)
+    for rel in ARTIFACTS:
+        a, b = uninterrupted / rel, run / rel
+        if rel.endswith("scores.jsonl"):  # costs are wall seconds; the scores themselves must match
+            assert _scores_without_cost(a) == _scores_without_cost(b), rel
+        else:
+            assert a.read_bytes() == b.read_bytes(), rel
+
+
+@pytest.mark.slow
+def test_report_numbers_equal_a_recomputation_from_artifacts(uninterrupted):
+    from dits.evaluate import EvalRecord, bootstrap_ci
+    from dits.jsonl import read_jsonl
+    from dits.report import collect_rows, write_report
+
+    report = write_report(uninterrupted).read_text()
+    rows = {(r.method, r.iteration): r for r in collect_rows(uninterrupted)}
+    assert set(rows) == {("untrained", None), ("q", 0), ("mix", 0)}
+    manifests = [json.loads(p.read_text()) for p in uninterrupted.glob("iter_0/*/manifest.json")]
+    infl = next(m for m in manifests if m["stage"] == "influence")["ledger"]["flops"]
+    for method in ("q", "mix"):
+        records = read_jsonl(uninterrupted / f"iter_0/evaluate-{method}/transcripts.jsonl", EvalRecord)
+        metrics = [r.transcript.metric for r in records]
+        ci = bootstrap_ci(metrics)
+        tokens = [sum(t.tokens for t in r.transcript.turns) for r in records]
+        kept = (uninterrupted / f"iter_0/select-{method}/selected.jsonl").read_text().count("\n")
+        flops = _own(manifests, None) + _own(manifests, method) - (infl if method == "q" else 0.0)
+        row = rows[(method, 0)]
+        assert row.metric == pytest.approx(sum(metrics) / len(metrics))
+        assert (row.low, row.high) == pytest.approx((ci.low, ci.high))
+        assert row.comm_tokens == pytest.approx(sum(tokens) / len(tokens))
+        assert row.pairs_kept == kept
+        assert row.flops == pytest.approx(flops) and flops > 0
+        assert f"| {method} | 0 | {row.metric:.3f} |" in report
+    # q and mix share the pool; only mix pays for the influence stage
+    assert rows[("mix", 0)].flops - rows[("q", 0)].flops == pytest.approx(
+        infl + _own(manifests, "mix") - _own(manifests, "q")
+    )
+    for png in ("metric_vs_tokens.png", "metric_vs_flops.png", "influence_vs_q.png"):
+        assert (uninterrupted / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
+
+
+def _own(manifests: list[dict], method: str | None) -> float:
+    return sum(m["ledger"]["flops"] for m in manifests if m["method"] == method and m["stage"] != "evaluate")
+
+
+def test_changed_config_of_a_finished_stage_is_refused(tmp_path):
+    """No model needed: a finished manifest with other inputs is enough to trigger the refusal."""
+    from dits.config import parse_config
+    from dits.pipeline import Pipeline
+    from dits.pipeline.loop import ModelRef
+    from dits.pipeline.stages import Stages
+
+    cfg = parse_config(TINY)
+    pipe = Pipeline(cfg, tmp_path, progress=False)
+    stages = Stages(pipe)
+    base = ModelRef(kind="base", digest="b")
+    stage_dir = tmp_path / "tiny" / "base" / "evaluate"
+    stage_dir.mkdir(parents=True)
+    old = {"digest": "old", "inputs": {"protocol": {"max_turns": 9}}}
+    (stage_dir / "stage.json").write_text(json.dumps(old))
+    with pytest.raises(StageChanged, match=r"protocol\.max_turns: 9 -> 2"):
+        stages.evaluate(None, None, base, [])
+    shutil.rmtree(stage_dir)
