@@ -1,0 +1,365 @@
+"""Selection quality: the paper's main claim, measured. Which pairs to train on, at the same training budget?
+
+From ONE synthesized pool (tree search on the embedded model over built-in training tasks, pairs mined
+from the trees) this trains one DPO model per selection strategy -- ``all``, ``random``, ``q`` (Optima),
+``influence``, ``mix`` (DITS) -- each a fresh LoRA from the same base model, the same number of DPO steps
+at the same batch size, learning rate and seed; only the kept pairs differ (``ratio`` of the pool, except
+``all``). Each model and the untrained one are evaluated greedily on the held-out test split. Influence is
+estimated once per pool (from θ = a fresh LoRA, i.e. the base model the training starts from, on the dev
+split) and shared by ``influence`` and ``mix``.
+
+Prints one JSON object: per strategy the test metric with a 95% bootstrap interval (over test tasks, pooled
+over seeds), communication tokens per task, pairs kept, and ledger FLOPs (synthesis + influence where the
+strategy uses it + training), per seed and pooled; ``mix_minus_q`` with a paired bootstrap interval.
+
+With several ``--seed`` values each seed grows its own pool (``--shared-pool``: one pool from the first
+seed, the seeds then vary influence chunking, random selection and training only). Everything runs in this
+process through the library (synthesize, influence, select, train, evaluate); nothing is a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dits.config import RunConfig, load_config
+from dits.engine.hf import HFEngine
+from dits.evaluate import EvalRecord, bootstrap_ci, run_method, summarize
+from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_estimator, pair_key
+from dits.ledger import LedgerCounts
+from dits.select import SelectConfig, Strategy, select_pairs
+from dits.synthesize import PreferencePair, read_pairs, synthesize
+from dits.tasks.example import Example
+from dits.tasks.source import examples_for
+from dits.train.config import TrainConfig
+
+log = logging.getLogger("selection_quality")
+
+STRATEGIES: tuple[Strategy, ...] = ("all", "random", "q", "influence", "mix")
+USES_INFLUENCE = frozenset({"influence", "mix"})
+PROBE = "sq_theta"
+
+
+def _seeds(values: list[str]) -> list[int]:
+    """``--seed 0 --seed 1`` or ``--seed 0,1,2``: one list, order kept, no repeats."""
+    out: list[int] = []
+    for v in values:
+        for part in v.split(","):
+            if part.strip() and int(part) not in out:
+                out.append(int(part))
+    return out or [0]
+
+
+def run_config(args: argparse.Namespace, seed: int) -> RunConfig:
+    """The run config the pool is synthesized under: library defaults plus the benchmark's sizes."""
+    overrides: dict[str, Any] = {
+        "name": f"selection-quality-s{seed}",
+        "seed": seed,
+        "task.dataset": args.dataset,
+        "task.train": args.train_tasks,
+        "task.dev": args.val_tasks,
+        "task.test": args.test_tasks,
+        "search.explore": args.explore,
+        "search.expand": args.expand,
+        "protocol.max_turns": args.max_turns,
+        "protocol.max_new_tokens": args.max_new_tokens,
+    }
+    if args.knobs:
+        overrides["task.knobs"] = json.loads(args.knobs)
+    if args.tau is not None:
+        overrides["pairs.tau"] = args.tau
+    if args.min_gap is not None:
+        overrides["pairs.min_gap"] = args.min_gap
+    return load_config(None, overrides)
+
+
+def flops(engine: HFEngine, before: LedgerCounts) -> float:
+    return float(engine.ledger.flops(engine.ledger.snapshot() - before))
+
+
+def evaluate(engine: HFEngine, test: list[Example], cfg: RunConfig, adapter: str | None) -> dict[str, Any]:
+    """Greedy two-agent evaluation with ``adapter`` active (None: the untrained model)."""
+    before = engine.ledger.snapshot()
+    engine.set_adapter(adapter)
+    try:
+        transcripts = run_method(engine, test, "mas", cfg.protocol, seed=cfg.seed)
+    finally:
+        engine.set_adapter(None)
+    records = [
+        EvalRecord(method="mas", dataset=ex.dataset, split="test", transcript=tr)
+        for ex, tr in zip(test, transcripts, strict=True)
+    ]
+    s = summarize(records)
+    return {
+        "metric": s.metric.mean,
+        "ci95": [s.metric.low, s.metric.high],
+        "comm_tokens": s.comm_tokens,
+        "n": s.n,
+        "stop_reasons": s.stop_reasons,
+        "eval_flops": flops(engine, before),
+        "_values": [tr.metric for tr in transcripts],
+        "_ids": [tr.example_id for tr in transcripts],
+    }
+
+
+def synthesize_pool(
+    engine: HFEngine, cfg: RunConfig, work: Path, progress: bool
+) -> tuple[list[PreferencePair], dict[str, Any]]:
+    train = examples_for(cfg.task, "train")
+    before = engine.ledger.snapshot()
+    summary = synthesize(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=progress)
+    pairs = read_pairs(summary.pairs_path)
+    info = {
+        "seed": cfg.seed,
+        "trees": summary.trees,
+        "rollouts": summary.rollouts,
+        "pairs": len(pairs),
+        "t_norm": summary.t_norm,
+        "flops": flops(engine, before),
+        "seconds": summary.seconds,
+    }
+    return pairs, info
+
+
+def estimate_influence(
+    engine: HFEngine, pairs: list[PreferencePair], cfg: RunConfig, icfg: InfluenceConfig, seed: int
+) -> tuple[list[InfluenceScore], dict[str, Any]]:
+    """Score chunks of the pool from θ = a fresh LoRA (B = 0, so θ is the base model every DPO run starts
+    from), drawn with the same seed as the trained adapters."""
+    t0 = time.perf_counter()
+    before = engine.ledger.snapshot()
+    torch.manual_seed(seed)
+    engine.add_adapter(PROBE, cfg.train.lora.to_peft())
+    engine.model.eval()
+    try:
+        est = make_estimator(icfg)
+        est.prepare(engine, PROBE, examples_for(cfg.task, "dev"), cfg.protocol)
+        scores = est.score(chunk_pairs(pairs, icfg.chunk_size, seed=seed))
+    finally:
+        engine.set_adapter(None)
+        engine.delete_adapter(PROBE)
+    values = [s.score for s in scores]
+    info = {
+        "estimator": icfg.estimator,
+        "chunks": len(scores),
+        "distinct_scores": len(set(values)),
+        "mean_score": statistics.fmean(values) if values else 0.0,
+        "flops": flops(engine, before),
+        "seconds": time.perf_counter() - t0,
+    }
+    return scores, info
+
+
+def train_and_evaluate(
+    engine: HFEngine,
+    strategy: Strategy,
+    pairs: list[PreferencePair],
+    scores: list[InfluenceScore] | None,
+    cfg: RunConfig,
+    tcfg: TrainConfig,
+    args: argparse.Namespace,
+    test: list[Example],
+    work: Path,
+) -> tuple[dict[str, Any], list[PreferencePair]]:
+    from dits.train.dpo import train_dpo
+
+    sel = SelectConfig(strategy=strategy, ratio=args.ratio, weight=args.weight, seed=cfg.seed)
+    kept = select_pairs(pairs, scores if strategy in USES_INFLUENCE else None, sel)
+    if len(kept) < tcfg.dpo.batch_size:
+        log.warning(
+            "%s keeps %d pairs < batch %d: its steps see fewer pairs than the others (see training_flops)",
+            strategy, len(kept), tcfg.dpo.batch_size,
+        )  # fmt: skip
+    name = f"sq_{strategy}"
+    before = engine.ledger.snapshot()
+    torch.manual_seed(cfg.seed)  # the fresh LoRA's initial A: the same draw for every strategy
+    result = train_dpo(engine, kept, tcfg, work / strategy, adapter_name=name, protocol=cfg.protocol)
+    train_flops = flops(engine, before)
+    try:
+        ev = evaluate(engine, test, cfg, name)
+    finally:
+        engine.delete_adapter(name)
+    ev.update(
+        pairs_kept=len(kept),
+        pairs_trained=result.rows,
+        pairs_dropped_for_length=result.truncated,
+        steps=result.steps,
+        train_loss=result.train_loss,
+        training_flops=train_flops,
+        train_seconds=result.seconds,
+    )
+    return ev, kept
+
+
+def _pooled(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across seeds: the metric and its bootstrap interval over every (seed, test task), means of the rest."""
+    values = [v for e in entries for v in e["_values"]]
+    ci = bootstrap_ci(values)
+    return {
+        "metric": ci.mean,
+        "ci95": [ci.low, ci.high],
+        "comm_tokens": statistics.fmean(e["comm_tokens"] for e in entries),
+        "pairs_kept": statistics.fmean(e["pairs_kept"] for e in entries),
+        "flops": {
+            k: statistics.fmean(e["flops"][k] for e in entries)
+            for k in ("synthesis", "influence", "training", "total")
+        },
+    }
+
+
+def _public(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if not k.startswith("_")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--seed", action="append", default=[], help="repeatable, or a list: --seed 0,1,2")
+    ap.add_argument("--shared-pool", action="store_true", help="one pool (first seed) for every seed")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dataset", default="facts", help="a built-in task (facts, arith)")
+    ap.add_argument("--knobs", default=None, help="task difficulty knobs as JSON, e.g. '{\"hops\": 1}'")
+    ap.add_argument("--train-tasks", type=int, default=8, help="tasks searched for the pool (one tree each)")
+    ap.add_argument("--val-tasks", type=int, default=4, help="dev tasks influence is measured on (V)")
+    ap.add_argument("--test-tasks", type=int, default=16)
+    ap.add_argument("--explore", type=int, default=2)
+    ap.add_argument("--expand", type=int, default=3)
+    ap.add_argument("--max-turns", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--tau", type=float, default=None, help="pair threshold on Q(chosen) (default per dataset)"
+    )
+    ap.add_argument("--min-gap", type=float, default=None, help="pair threshold on Q gap; default 0.2")
+    ap.add_argument("--estimator", choices=["rollout", "likelihood", "gradient"], default="gradient")
+    ap.add_argument("--chunk-size", type=int, default=2, help="c: pairs per influence candidate")
+    ap.add_argument("--samples", type=int, default=4, help="K samples per dev task (likelihood, gradient)")
+    ap.add_argument("--influence-lr", type=float, default=None, help="probe step lr; default: --dpo-lr")
+    ap.add_argument("--ratio", type=float, default=0.5, help="share of the pool kept (all but all)")
+    ap.add_argument("--weight", type=float, default=1.0, help="w in norm(Q) + w*norm(I)")
+    ap.add_argument("--dpo-steps", type=int, default=4, help="optimizer steps, the same for every strategy")
+    ap.add_argument("--dpo-batch", type=int, default=2)
+    ap.add_argument("--dpo-lr", type=float, default=5e-4)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared 2-core CPU)")
+    ap.add_argument("--work-dir", default=None, help="keep pools and adapters here (default: a temp dir)")
+    ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
+    args = ap.parse_args()
+    seeds = _seeds(args.seed)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+
+    engine = HFEngine(args.model)
+    tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="dits-selq-")
+    root = Path(args.work_dir or tmp.name)  # type: ignore[union-attr]
+
+    base_cfg = run_config(args, seeds[0])
+    test = examples_for(base_cfg.task, "test")
+    log.info("evaluating the untrained model on %d test tasks", len(test))
+    untrained = evaluate(engine, test, base_cfg, None)
+
+    pools: list[dict[str, Any]] = []
+    influence: list[dict[str, Any]] = []
+    per_seed: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
+    shared: tuple[list[PreferencePair], dict[str, Any]] | None = None
+    for seed in seeds:
+        cfg = run_config(args, seed)
+        work = root / f"seed_{seed}"
+        if shared is None or not args.shared_pool:
+            log.info("seed %d: synthesizing the pool (%d train tasks)", seed, cfg.task.train)
+            shared = synthesize_pool(engine, cfg, work, args.progress)
+            pools.append(shared[1])
+        pairs, pool = shared
+        if not pairs:
+            raise SystemExit(
+                f"seed {seed}: the pool has no pairs (Q(best) > tau and gap > min_gap never held); "
+                "use more --train-tasks / --explore, or lower --tau / --min-gap"
+            )
+        icfg = InfluenceConfig(
+            estimator=args.estimator,
+            chunk_size=args.chunk_size,
+            lr=args.influence_lr if args.influence_lr is not None else args.dpo_lr,
+            beta=args.beta,
+            val_tasks=args.val_tasks,
+            samples_per_task=args.samples,
+            seed=seed,
+        )
+        log.info("seed %d: influence of %d pairs (%s)", seed, len(pairs), icfg.estimator)
+        scores, infl = estimate_influence(engine, pairs, cfg, icfg, seed)
+        influence.append({"seed": seed, **infl})
+        tcfg = TrainConfig.model_validate(
+            {
+                "seed": seed,
+                "dpo": {
+                    "lr": args.dpo_lr,
+                    "beta": args.beta,
+                    "batch_size": args.dpo_batch,
+                    "max_steps": args.dpo_steps,
+                    "epochs": 1000,  # max_steps decides; epochs only has to be large enough
+                },
+            }
+        )
+        kept_by: dict[str, set[str]] = {}
+        for strategy in STRATEGIES:
+            log.info("seed %d: %s", seed, strategy)
+            entry, kept = train_and_evaluate(engine, strategy, pairs, scores, cfg, tcfg, args, test, work)
+            kept_by[strategy] = {pair_key(p) for p in kept}
+            infl_flops = infl["flops"] if strategy in USES_INFLUENCE else 0.0
+            entry["flops"] = {
+                "synthesis": pool["flops"],
+                "influence": infl_flops,
+                "training": entry["training_flops"],
+                "total": pool["flops"] + infl_flops + entry["training_flops"],
+            }
+            per_seed[strategy].append({"seed": seed, **entry})
+        for strategy in STRATEGIES:
+            q, mine = kept_by["q"], kept_by[strategy]
+            per_seed[strategy][-1]["kept_overlap_with_q"] = len(q & mine) / len(q | mine)
+
+    strategies = {
+        s: {**_pooled(entries), "per_seed": [_public(e) for e in entries]} for s, entries in per_seed.items()
+    }
+    diffs: list[float] = []  # paired: the same test tasks, in the same order, under mix and under q
+    for em, eq in zip(per_seed["mix"], per_seed["q"], strict=True):
+        assert em["_ids"] == eq["_ids"]
+        diffs += [m - q for m, q in zip(em["_values"], eq["_values"], strict=True)]
+    paired = bootstrap_ci(diffs)
+    report = {
+        "benchmark": "selection_quality",
+        "settings": {
+            **vars(args),
+            "seed": seeds,
+            "influence_lr": icfg.lr,
+            "tau": cfg.pairs.tau_for(args.dataset),
+            "min_gap": cfg.pairs.min_gap,
+        },
+        "untrained": _public(untrained),
+        "strategies": strategies,
+        "mix_minus_q": {
+            "mean": paired.mean,
+            "ci95": [paired.low, paired.high],
+            "per_seed": [
+                em["metric"] - eq["metric"] for em, eq in zip(per_seed["mix"], per_seed["q"], strict=True)
+            ],
+        },
+        "pools": pools,
+        "influence": influence,
+        "seconds": time.perf_counter() - t_start,
+    }
+    print(json.dumps(report, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The paper configs (configs/paper/<dataset>.yaml) hold the published hyperparameters.
+
+The expected numbers are copied here from DESIGN.md (sections 5, 6, 7, 7b), not read from the library's
+defaults, so a wrong number in a YAML file (or a file that silently relies on a default that drifted)
+fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dits.config import RunConfig, load_config
+from dits.tasks.loaders import DATASETS, default_data_root
+
+PAPER_DIR = Path(__file__).resolve().parents[1] / "configs" / "paper"
+
+# dataset -> (mode, lambda_tok, lambda_read, pair tau, SFT lr, iSFT threshold); DESIGN.md sections 5, 6, 7b.
+PAPER: dict[str, tuple[str, float, float, float, float, float]] = {
+    "hotpotqa": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5),
+    "2wiki": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5),
+    "triviaqa": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5),
+    "cbt": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5),
+    "gsm8k": ("debate", -0.4, 0.9, 0.4, 1e-6, 0.6),
+    "math": ("debate", -0.4, 0.9, 0.45, 1e-6, 0.6),
+    "arc": ("debate", -0.5, 0.6, 0.45, 1e-6, 0.6),
+    "mmlu": ("debate", -0.6, 0.7, 0.45, 1e-6, 0.6),
+}
+
+
+def _load(name: str) -> RunConfig:
+    return load_config(PAPER_DIR / f"{name}.yaml")
+
+
+def test_one_file_per_paper_dataset_and_no_other():
+    assert sorted(p.stem for p in PAPER_DIR.glob("*.yaml")) == sorted(PAPER)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_dataset_specific_numbers(name: str):
+    mode, lambda_tok, lambda_read, tau, sft_lr, threshold = PAPER[name]
+    cfg = _load(name)
+    assert cfg.task.dataset == name
+    assert DATASETS[name].mode == mode  # the loader plays the dataset in the mode the table assumes
+    assert (cfg.reward.lambda_tok, cfg.reward.lambda_read) == (lambda_tok, lambda_read)
+    assert cfg.pairs.tau_for(name) == tau
+    assert cfg.train.sft.lr == sft_lr
+    assert cfg.sft_data.threshold == threshold
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_shared_reference_numbers(name: str):
+    cfg = _load(name)
+    assert cfg.name == f"paper-{name}"
+    e = cfg.engine
+    assert (e.backend, e.model, e.dtype) == ("hf", "meta-llama/Meta-Llama-3-8B-Instruct", "bfloat16")
+    assert cfg.protocol.max_turns == 10
+    assert cfg.rollout.temperature == 0.7
+    s = cfg.search
+    assert (s.explore, s.expand, s.select_dist, s.merge_dist, s.top_k, s.policy) == (
+        8, 3, 0.25, 0.1, 10, "reference"
+    )  # fmt: skip
+    assert (cfg.pairs.min_gap, cfg.pairs.keep_top_fraction) == (0.2, 0.5)
+    assert (cfg.sft_data.n_samples, cfg.sft_data.keep_fraction, cfg.sft_data.temperature) == (10, 0.7, 0.7)
+
+    t = cfg.train
+    assert t.full_finetune
+    assert 1 <= t.sft.epochs <= 3 and t.sft.max_length == 2048
+    assert (t.dpo.lr, t.dpo.epochs, t.dpo.max_length) == (5e-7, 1, 2048)
+    assert t.dpo.batch_size * t.dpo.grad_accum == 64
+    assert 0.1 <= t.dpo.beta <= 0.7
+
+    i = cfg.influence
+    assert (i.estimator, i.chunk_size, i.val_tasks, i.lr, i.optimizer) == ("rollout", 5, 20, 5e-5, "adamw")
+    assert i.beta == t.dpo.beta  # the probe takes the step the training takes
+    assert cfg.task.dev >= i.val_tasks  # influence draws V validation tasks from the dev split
+
+    sel = cfg.select
+    assert (sel.strategy, sel.ratio, sel.weight) == ("mix", 0.5, 1.0)
+    p = cfg.pipeline
+    assert (p.recipe, p.iterations, p.methods) == ("isft-dpo", 3, ["mix"])
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_train_section_is_the_library_reference(name: str):
+    """Apart from beta (per dataset), the train section is ``TrainConfig.reference`` for the mode."""
+    from dits.train.config import TrainConfig
+
+    cfg = _load(name)
+    ref = TrainConfig.reference(PAPER[name][0])  # type: ignore[arg-type]
+    got = cfg.train.model_dump()
+    want = ref.model_dump()
+    got["dpo"].pop("beta"), want["dpo"].pop("beta")
+    assert got == want
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_header_names_the_command(name: str):
+    text = (PAPER_DIR / f"{name}.yaml").read_text()
+    header = text.split("\n\n", 1)[0]
+    assert header.startswith("# Paper reproduction:")
+    assert f"dits run configs/paper/{name}.yaml" in header
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in DATASETS.items() if n in PAPER and spec.directory))
+def test_three_iterations_fit_the_local_train_split(name: str):
+    """Iteration i searches slice i of the train split, so the split must hold train x iterations tasks."""
+    from dits.tasks.source import examples_for
+
+    if not (default_data_root() / DATASETS[name].directory).is_dir():
+        pytest.skip(f"no local {name} data (read from the hub)")
+    cfg = _load(name)
+    need = cfg.task.train * cfg.pipeline.iterations
+    assert len(examples_for(cfg.task, "train", limit=need)) == need
+    assert len(examples_for(cfg.task, "dev")) == cfg.task.dev
