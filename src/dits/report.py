@@ -37,16 +37,19 @@ class Row(BaseModel):
 
 
 def stage_manifests(run_dir: Path) -> list[tuple[str, StageManifest]]:
-    """``(folder/stage_dir, manifest)`` of every finished stage, base first, then by iteration."""
+    """``(folder/stage_dir, manifest)`` of every finished stage: base first, then by iteration, then in the
+    order the stages finished."""
     out: list[tuple[str, StageManifest]] = []
     iterations = [d for d in run_dir.glob("iter_*") if _ITER.match(d.name)]
     iterations.sort(key=lambda d: int(d.name[5:]))
     folders = [run_dir / "base", *iterations]
     for folder in folders:
+        found = []
         for stage_dir in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
             m = read_manifest(stage_dir)
             if m is not None:
-                out.append((f"{folder.name}/{stage_dir.name}", m))
+                found.append((f"{folder.name}/{stage_dir.name}", m))
+        out += sorted(found, key=lambda item: item[1].finished)  # the order the stages ran in
     return out
 
 

@@ -184,9 +184,9 @@ class Stages:
 
         cfg = self.cfg.model_copy(update={"seed": self._seed("search", it)})
         inputs = {"model": model.digest, "tasks": _ids(tasks), "seed": cfg.seed,
-                  **self.p._section("protocol", "reward", "search", "rollout", "pairs")}  # fmt: skip
-        if "guide" in type(cfg).model_fields:
-            inputs.update(self.p._section("guide"))
+                  **self.p._section("protocol", "reward", "search", "rollout", "pairs", "guide")}  # fmt: skip
+        if cfg.guide.lam != 0:  # Î is estimated on the dev split with the influence settings
+            inputs.update(self.p._section("influence", "task"))
 
         def body(out: Path) -> dict[str, float]:
             engine = self.p.holder.activate(model)
