@@ -1,169 +1,218 @@
-"""How well the cheap influence estimators track the reference one, and what each costs, in one process.
+"""Influence fidelity: how well each estimator ranks candidate chunks by their true effect, at what cost.
 
-The same candidates (chunks of preference pairs: from a ``pairs.jsonl`` given with ``--pairs``, else
-synthetic ones on built-in ``train`` tasks: the gold answer preferred to a refusal or a wrong answer) are
-scored by (a) ``rollout`` (take the step, greedy dialogues on V validation tasks), (b) ``likelihood``
-(importance-weighted K samples per task) and (c) ``gradient`` (one backward), all from the same adapter θ.
-Prints one JSON object: per estimator the scores, the one-off and per-candidate cost (ledger FLOPs and
-seconds), and Pearson / Spearman correlation and sign agreement with the rollout scores and with each other.
+N candidate chunks of c pairs are drawn from a real synthesized pool (``--pairs``, or a pool grown here by
+tree search on the embedded model over built-in training tasks). θ is a fresh LoRA (B = 0: the base model,
+as in ``dits run``'s first iteration). For every chunk z the ground truth is
 
-``--metric hash`` replaces the task metric by a hash of the conversation text: a model too small to solve
-the tasks scores 0 everywhere, and the correlations are then undefined; the hash metric still exercises the
-likelihood-vs-gradient agreement (not the rollout one, whose greedy metric is then near-random).
+    ΔM(z) = M_S(θ_z) − M_S(θ)
+
+with M_S the mean task metric of S sampled conversations (temperature 0.7) on each of G validation tasks,
+the SAME seeds before and after the step (common random numbers: a conversation changes only where the step
+changes a sampled token). The G ground-truth tasks are dev tasks disjoint from the V tasks the estimators
+see, so an estimator is judged on the validation distribution, not on its own sample. Then each estimator
+(``rollout``, ``likelihood``, ``gradient``), prepared once on the V tasks from the same θ, scores the same
+chunks with the same step (optimizer, lr, β).
+
+Prints one JSON object: per estimator the Spearman correlation with the ground truth, the agreement on the
+top half (share of the ground truth's top N/2 chunks the estimator also puts in its top half), and the cost
+(ledger FLOPs and seconds, preparation included), plus ``cost_ratio_vs_rollout`` (FLOPs and seconds) for
+``likelihood`` and ``gradient``; and, for the ground truth itself, a split-half Spearman (its G tasks in two
+halves): how much rank signal the ground truth holds at all.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
-import random
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+from scipy.stats import spearmanr
 
+from dits.config import load_config
 from dits.engine.hf import HFEngine
 from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_estimator
-from dits.influence.base import MetricFn
-from dits.mas.dialogue import Transcript
-from dits.mas.protocol import ProtocolConfig, render_view
+from dits.influence.base import metered
+from dits.influence.inputs import probe_adapter
+from dits.mas.dialogue import run_dialogues
+from dits.mas.protocol import ProtocolConfig
 from dits.search.pairs import PairCandidate
-from dits.tasks.builtin import make_builtin
+from dits.seeding import derive_seed
+from dits.synthesize import read_pairs, synthesize
 from dits.tasks.example import Example
-from dits.train.common import adapter_parameters
-from dits.train.config import LoraSettings
+from dits.tasks.source import examples_for
+from dits.train.step import one_step
+
+log = logging.getLogger("influence_fidelity")
+ESTIMATORS = ("rollout", "likelihood", "gradient")
 
 
-def hash_metric(example: Example, transcript: Transcript) -> float:
-    return int(hashlib.sha256("|".join(transcript.texts).encode()).hexdigest()[:8], 16) / 2**32
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rho (ties averaged, scipy); None when either side is constant (undefined)."""
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return float(spearmanr(a, b).statistic)
 
 
-def synthetic_pairs(dataset: str, n: int, protocol: ProtocolConfig, seed: int) -> list[PairCandidate]:
-    rng = random.Random(seed)
-    out = []
-    for i, ex in enumerate(make_builtin(dataset, "train", n, seed=seed)):
-        rejected = rng.choice(["I do not know.", "<A>nobody</A>", f"Maybe <A>{ex.answers[0][::-1]}</A>"])
-        out.append(
-            PairCandidate(
-                tree_task_id=ex.id,
-                node_id=f"n{i}",
-                prefix=[],
-                speaker=0,
-                chosen=f"My notes say <A>{ex.answers[0]}</A>",
-                rejected=rejected,
-                chosen_id=f"c{i}",
-                rejected_id=f"r{i}",
-                q_chosen=1.0,
-                q_rejected=0.0,
-                visits_chosen=1,
-                visits_rejected=1,
-                prompt=render_view(ex, [], 0, protocol),
-            )
-        )
-    return out
+def top_half(values: Sequence[float]) -> set[int]:
+    """Indices of the N//2 largest values; ties broken by index so the set is deterministic."""
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    return set(order[: len(values) // 2])
 
 
-def _ranks(x: list[float]) -> list[float]:
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):  # average ranks over ties
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
+def top_half_agreement(est: Sequence[float], truth: Sequence[float]) -> float:
+    t = top_half(truth)
+    return len(top_half(est) & t) / len(t) if t else 0.0
 
 
-def pearson(a: list[float], b: list[float]) -> float | None:
-    n = len(a)
-    ma, mb = sum(a) / n, sum(b) / n
-    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
-    if va == 0 or vb == 0:
-        return None  # a constant series has no correlation
-    return sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True)) / math.sqrt(va * vb)
+class GroundTruth:
+    """Per-conversation metrics of S seeded samples on each of G tasks, under θ and under each θ_z."""
+
+    def __init__(self, engine: HFEngine, examples: list[Example], samples: int, protocol: ProtocolConfig,
+                 seed: int) -> None:  # fmt: skip
+        self.engine, self.protocol = engine, protocol
+        self.examples = [ex for ex in examples for _ in range(samples)]
+        self.task = [t for t in range(len(examples)) for _ in range(samples)]
+        self.seeds = [derive_seed(seed, "ground-truth", t, j) for t in range(len(examples))
+                      for j in range(samples)]  # fmt: skip
+
+    def metrics(self) -> list[float]:
+        transcripts = run_dialogues(self.engine, self.examples, self.protocol, temperature=0.7,
+                                    seeds=self.seeds)  # fmt: skip
+        return [t.metric for t in transcripts]
+
+    def half(self, values: Sequence[float], which: int) -> float:
+        """Mean metric over the even (0) or odd (1) ground-truth tasks."""
+        sel = [v for v, t in zip(values, self.task, strict=True) if t % 2 == which]
+        return statistics.fmean(sel)
 
 
-def compare(a: list[float], b: list[float]) -> dict[str, float | None]:
-    signs = [(x > 0) == (y > 0) for x, y in zip(a, b, strict=True) if x != 0 and y != 0]
-    return {
-        "pearson": pearson(a, b),
-        "spearman": pearson(_ranks(a), _ranks(b)),
-        "sign_agreement": sum(signs) / len(signs) if signs else None,
-    }
+def get_pool(args: argparse.Namespace, engine: HFEngine, work: Path) -> list[PairCandidate]:
+    if args.pairs:  # several files: the union of their pools
+        return [p for path in args.pairs for p in read_pairs(path)]
+    cfg = load_config(None, {
+        "seed": args.seed, "task.dataset": args.dataset, "task.train": args.train_tasks,
+        "search.explore": args.explore, "search.expand": args.expand,
+        "protocol.max_turns": args.max_turns, "protocol.max_new_tokens": args.max_new_tokens,
+    })  # fmt: skip
+    train = examples_for(cfg.task, "train")
+    log.info("synthesizing a pool on %d train tasks into %s", len(train), work / "pool")
+    summary = synthesize(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=args.progress)
+    return list(read_pairs(summary.pairs_path))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dataset", default="facts")
-    ap.add_argument("--pairs", default=None, help="a pairs.jsonl (default: synthetic pairs)")
-    ap.add_argument("--candidates", type=int, default=6)
-    ap.add_argument("--chunk-size", type=int, default=2)
-    ap.add_argument("--val-tasks", type=int, default=4)
-    ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="sgd")
+    ap.add_argument("--dataset", default="facts", help="a built-in task")
+    ap.add_argument("--pairs", action="append", help="a pairs.jsonl pool, repeatable (default: synthesize)")
+    ap.add_argument("--train-tasks", type=int, default=16, help="trees grown for the pool (no --pairs)")
+    ap.add_argument("--explore", type=int, default=2)
+    ap.add_argument("--expand", type=int, default=2)
+    ap.add_argument("--candidates", type=int, default=16, help="N chunks scored (at most the pool's)")
+    ap.add_argument("--chunk-size", type=int, default=2, help="c: pairs per chunk (one step on all)")
+    ap.add_argument("--val-tasks", type=int, default=8, help="V: dev tasks the estimators see")
+    ap.add_argument("--samples", type=int, default=4, help="K samples per task (likelihood, gradient)")
+    ap.add_argument("--gt-tasks", type=int, default=24, help="G: dev tasks of the ground truth")
+    ap.add_argument("--gt-samples", type=int, default=2, help="S: samples per ground-truth task")
+    ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    ap.add_argument("--lr", type=float, default=1e-3, help="the probe step (every estimator, ground truth)")
+    ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--max-turns", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--metric", choices=["task", "hash"], default="task")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
 
-    engine = HFEngine(args.model, device=args.device)
+    engine = HFEngine(args.model)
+    tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="dits-fidelity-")
+    work = Path(args.work_dir or tmp.name)  # type: ignore[union-attr]
     protocol = ProtocolConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens)
-    if args.pairs:
-        from dits.synthesize import read_pairs
+    pool = get_pool(args, engine, work)
+    chunks = chunk_pairs(pool, args.chunk_size, seed=args.seed)
+    chunks = [c for c in chunks if len(c) == args.chunk_size][: args.candidates]
+    if len(chunks) < 4:
+        raise SystemExit(f"the pool ({len(pool)} pairs) gives {len(chunks)} full chunks; grow a larger one")
+    task = load_config(None, {"task.dataset": args.dataset, "task.dev": args.val_tasks + args.gt_tasks}).task
+    dev = examples_for(task, "dev")
+    val, gt_tasks = dev[: args.val_tasks], dev[args.val_tasks :]
+    theta = probe_adapter(engine, load_config(None).train.lora, seed=args.seed)
 
-        pairs: list[PairCandidate] = list(read_pairs(args.pairs))
-    else:
-        pairs = synthetic_pairs(args.dataset, args.candidates * args.chunk_size, protocol, args.seed)
-    chunks = chunk_pairs(pairs, args.chunk_size, seed=args.seed)[: args.candidates]
-    val = make_builtin(args.dataset, "dev", args.val_tasks, seed=args.seed)
+    # Ground truth: common random numbers before and after each step.
+    gt = GroundTruth(engine, gt_tasks, args.gt_samples, protocol, args.seed)
+    engine.set_adapter(theta)
+    with metered(engine) as gt_cost:
+        base = gt.metrics()
+        truth, halves = [], []
+        for i, chunk in enumerate(chunks):
+            with one_step(engine, theta, chunk, lr=args.lr, beta=args.beta, optimizer=args.optimizer,
+                          protocol=protocol):  # fmt: skip
+                after = gt.metrics()
+            truth.append(statistics.fmean(after) - statistics.fmean(base))
+            halves.append([gt.half(after, h) - gt.half(base, h) for h in (0, 1)])
+            log.info("ground truth %d/%d: %+.4f", i + 1, len(chunks), truth[-1])
+    engine.set_adapter(None)
 
-    name = "influence_probe"
-    engine.add_adapter(name, LoraSettings(r=8, alpha=16).to_peft())
-    gen = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():  # θ: a non-trivial adapter (B = 0 would make every first step move A not at all)
-        for n, p in adapter_parameters(engine, name).items():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    engine.model.eval()
-
-    metric: MetricFn | None = hash_metric if args.metric == "hash" else None
-    results: dict[str, list[InfluenceScore]] = {}
-    report: dict[str, object] = {"args": vars(args), "candidates": len(chunks)}
-    for kind in ("rollout", "likelihood", "gradient"):
-        cfg = InfluenceConfig(
+    report: dict[str, Any] = {
+        "benchmark": "influence_fidelity",
+        "settings": vars(args),
+        "pool_pairs": len(pool),
+        "candidates": len(chunks),
+        "ground_truth": {
+            "baseline_metric": statistics.fmean(base),
+            "scores": truth,
+            "distinct": len(set(truth)),
+            "split_half_spearman": spearman([h[0] for h in halves], [h[1] for h in halves]),
+            "flops": gt_cost.flops,
+            "seconds": gt_cost.seconds,
+        },
+    }
+    for kind in ESTIMATORS:
+        icfg = InfluenceConfig(
             estimator=kind,  # type: ignore[arg-type]
-            chunk_size=args.chunk_size,
-            lr=args.lr,
-            optimizer=args.optimizer,
-            val_tasks=args.val_tasks,
-            samples_per_task=args.samples,
-            seed=args.seed,
-        )
-        est = make_estimator(cfg, metric)
-        est.prepare(engine, name, val, protocol)
-        scores = est.score(chunks)
-        results[kind] = scores
+            chunk_size=args.chunk_size, lr=args.lr, beta=args.beta, optimizer=args.optimizer,
+            val_tasks=args.val_tasks, samples_per_task=args.samples, seed=args.seed,
+            step_geometry="optimizer" if args.optimizer == "adamw" else "sgd",
+        )  # fmt: skip
+        est = make_estimator(icfg)
+        est.prepare(engine, theta, val, protocol)
+        scores: list[InfluenceScore] = est.score(chunks)
+        values = [s.score for s in scores]
+        flops = est.prepare_cost.flops + sum(s.cost.flops for s in scores)
+        seconds = est.prepare_cost.seconds + sum(s.cost.seconds for s in scores)
         report[kind] = {
-            "scores": [s.score for s in scores],
+            "spearman": spearman(values, truth),
+            "top_half_agreement": top_half_agreement(values, truth),
+            "distinct_scores": len(set(values)),
+            "flops": flops,
+            "seconds": seconds,
             "prepare_flops": est.prepare_cost.flops,
-            "prepare_seconds": est.prepare_cost.seconds,
-            "flops_per_candidate": sum(s.cost.flops for s in scores) / len(scores),
-            "seconds_per_candidate": sum(s.cost.seconds for s in scores) / len(scores),
+            "scores": values,
         }
-    values = {k: [s.score for s in v] for k, v in results.items()}
-    report["likelihood_vs_rollout"] = compare(values["likelihood"], values["rollout"])
-    report["gradient_vs_rollout"] = compare(values["gradient"], values["rollout"])
-    report["gradient_vs_likelihood"] = compare(values["gradient"], values["likelihood"])
+        log.info("%s: spearman %s, %.3g FLOPs, %.0f s", kind, report[kind]["spearman"], flops, seconds)
+    for kind in ("likelihood", "gradient"):
+        report[kind]["cost_ratio_vs_rollout"] = {
+            "flops": report[kind]["flops"] / report["rollout"]["flops"],
+            "seconds": report[kind]["seconds"] / report["rollout"]["seconds"],
+        }
+    report["seconds"] = time.perf_counter() - t_start
     print(json.dumps(report, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ In one process on the same model: (a) the search over all tasks as one shard (ev
 tree in one engine call per turn round), (b) the same search one tree at a time (shard size 1: what a
 per-tree search loop does), (c) the engine's raw batched generation of the same views the search
 generated from, the same number of tokens per view (greedy, end-of-turn suppressed), at the same max
-batch. Same tasks, same search knobs, same seeds; T_norm is calibrated once beforehand and shared (not
+batch, and (d) the same raw generation of (b)'s views call by call as (b) made them: (c)/(d) is what
+batching alone buys on this hardware, the ceiling of (a)/(b). Same tasks, same search knobs, same seeds; T_norm is calibrated once beforehand and shared (not
 timed). Token counts are the ledger's ``generated_tokens`` deltas. Prints one JSON object.
 """
 
@@ -37,15 +38,13 @@ def search(
     t_norm: float,
     shard_size: int,
     seed: int,
-) -> tuple[dict[str, float], list[Tree], list[View]]:
-    """Run the search shard by shard; return figures, trees and every view the engine generated from."""
-    views: list[View] = []
-    calls = [0]
+) -> tuple[dict[str, float], list[Tree], list[list[View]]]:
+    """Run the search shard by shard; return figures, trees and the views of each engine call."""
+    calls: list[list[View]] = []
     inner = engine.generate
 
     def recording(vs, sampling, seeds=None):  # type: ignore[no-untyped-def]
-        views.extend(vs)
-        calls[0] += 1
+        calls.append(list(vs))
         return inner(vs, sampling, seeds=seeds)
 
     engine.generate = recording  # type: ignore[method-assign]
@@ -68,11 +67,36 @@ def search(
         "scored_tokens": spent.scored_tokens,
         "seconds": round(dt, 2),
         "tokens_per_s": round(spent.generated_tokens / dt, 2),
-        "generate_calls": calls[0],
-        "utterances": len(views),
+        "generate_calls": len(calls),
+        "utterances": sum(len(c) for c in calls),
         "rollouts": roll.stats.rollouts,
     }
-    return figures, trees, views
+    return figures, trees, calls
+
+
+def raw_generation(engine: HFEngine, calls: list[list[View]], per_view: int) -> dict[str, float]:
+    """Greedy generation of exactly ``per_view`` tokens from each view (end-of-turn suppressed), one
+    engine call per entry of ``calls``."""
+    eos = engine.eos_ids
+    engine.eos_ids = set()
+    try:
+        before = engine.ledger.snapshot()
+        t0 = time.perf_counter()
+        for views in calls:
+            engine.generate(views, SamplingParams(max_new_tokens=per_view))
+        dt = time.perf_counter() - t0
+    finally:
+        engine.eos_ids = eos
+    spent = engine.ledger.snapshot() - before
+    return {
+        "generated_tokens": spent.generated_tokens,
+        "prompt_tokens": spent.prompt_tokens,
+        "views": sum(len(v) for v in calls),
+        "calls": len(calls),
+        "tokens_per_view": per_view,
+        "seconds": round(dt, 2),
+        "tokens_per_s": round(spent.generated_tokens / dt, 2),
+    }
 
 
 def _shape(tree: Tree) -> list[tuple[str, str | None, str]]:
@@ -87,7 +111,7 @@ def main() -> None:
     ap.add_argument("--expand", type=int, default=3)
     ap.add_argument("--max-turns", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--batch", type=int, default=64, help="the engine's max batch (all three runs)")
+    ap.add_argument("--batch", type=int, default=64, help="the engine's max batch (every run)")
     ap.add_argument("--hops", type=int, default=1, help="facts task difficulty")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -108,29 +132,16 @@ def main() -> None:
     cfg = SearchConfig(explore=args.explore, expand=args.expand)
     t_norm = calibrate_t_norm(engine, examples, protocol, seed=args.seed).t_norm  # also warms the model up
 
-    batched, trees_a, views = search(engine, examples, protocol, cfg, t_norm, len(examples), args.seed)
-    single, trees_b, _ = search(engine, examples, protocol, cfg, t_norm, 1, args.seed)
+    batched, trees_a, calls_a = search(engine, examples, protocol, cfg, t_norm, len(examples), args.seed)
+    single, trees_b, calls_b = search(engine, examples, protocol, cfg, t_norm, 1, args.seed)
 
-    # (c) the same views, the same tokens per view, in one batched generate call with EOS suppressed.
+    # (c) the views of (a), the same tokens per view, in one batched generate call with EOS suppressed;
+    # (d) the views of (b), call by call as (b) made them, the same tokens per view: c/d is what batching
+    # alone buys on this hardware, with no search around it (the ceiling of ratio_vs_one_tree_at_a_time).
+    views = [v for call in calls_a for v in call]
     per_view = max(1, round(batched["generated_tokens"] / max(1, len(views))))
-    eos = engine.eos_ids
-    engine.eos_ids = set()
-    try:
-        before = engine.ledger.snapshot()
-        t0 = time.perf_counter()
-        engine.generate(views, SamplingParams(max_new_tokens=per_view))
-        dt = time.perf_counter() - t0
-    finally:
-        engine.eos_ids = eos
-    spent = engine.ledger.snapshot() - before
-    raw = {
-        "generated_tokens": spent.generated_tokens,
-        "prompt_tokens": spent.prompt_tokens,
-        "views": len(views),
-        "tokens_per_view": per_view,
-        "seconds": round(dt, 2),
-        "tokens_per_s": round(spent.generated_tokens / dt, 2),
-    }
+    raw = raw_generation(engine, [views], per_view)
+    raw_small = raw_generation(engine, calls_b, per_view)
     if args.dump:
         out = Path(args.dump)
         out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +169,8 @@ def main() -> None:
                 "batched": batched,
                 "one_tree_at_a_time": single,
                 "raw_engine": raw,
+                "raw_engine_one_tree_at_a_time": raw_small,
+                "engine_batching_ceiling": round(raw["tokens_per_s"] / raw_small["tokens_per_s"], 2),
                 "same_trees": same,
                 "same_tree_texts": same_texts,
                 "max_reward_diff": reward_diff,

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from dits.pipeline.loop import Pipeline
 
 
-
 class Product(BaseModel):
     """A finished stage's directory and digest."""
 
@@ -128,9 +127,7 @@ class Stages:
 
         def body(out: Path) -> dict[str, float]:
             engine = self.p.holder.activate(model)
-            data = build_sft_data(
-                engine, tasks, cfg.protocol, cfg.reward, out, cfg=cfg.sft_data, seed=seed
-            )
+            data = build_sft_data(engine, tasks, cfg.protocol, cfg.reward, out, cfg=cfg.sft_data, seed=seed)
             return {"tasks": len(tasks), "samples": len(data.samples), "kept": len(data.kept),
                     "rows": len(data.rows)}  # fmt: skip
 
