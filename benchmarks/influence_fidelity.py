@@ -13,11 +13,12 @@ see, so an estimator is judged on the validation distribution, not on its own sa
 (``rollout``, ``likelihood``, ``gradient``), prepared once on the V tasks from the same θ, scores the same
 chunks with the same step (optimizer, lr, β).
 
-Prints one JSON object: per estimator the Spearman correlation with the ground truth, the agreement on the
-top half (share of the ground truth's top N/2 chunks the estimator also puts in its top half), and the cost
-(ledger FLOPs and seconds, preparation included), plus ``cost_ratio_vs_rollout`` (FLOPs and seconds) for
-``likelihood`` and ``gradient``; and, for the ground truth itself, a split-half Spearman (its G tasks in two
-halves): how much rank signal the ground truth holds at all.
+Prints one JSON object: per estimator the Spearman correlation with the ground truth, the agreement on the top
+half (share of the ground truth's top N/2 chunks the estimator also puts in its top half), and the cost
+(ledger FLOPs and seconds, preparation included), plus ``cost_ratio_vs_rollout`` (FLOPs and seconds, and the
+FLOPs of one more candidate, preparation left out) for ``likelihood`` and ``gradient``; and, for the ground
+truth itself, a split-half Spearman (its G tasks in two halves): how much rank signal the ground truth holds
+at all.
 """
 
 from __future__ import annotations
@@ -204,10 +205,15 @@ def main() -> None:
             "scores": values,
         }
         log.info("%s: spearman %s, %.3g FLOPs, %.0f s", kind, report[kind]["spearman"], flops, seconds)
+
+    def per_candidate(kind: str) -> float:  # the cost of one more candidate: preparation left out
+        return (report[kind]["flops"] - report[kind]["prepare_flops"]) / len(chunks)
+
     for kind in ("likelihood", "gradient"):
         report[kind]["cost_ratio_vs_rollout"] = {
             "flops": report[kind]["flops"] / report["rollout"]["flops"],
             "seconds": report[kind]["seconds"] / report["rollout"]["seconds"],
+            "flops_per_extra_candidate": per_candidate(kind) / per_candidate("rollout"),
         }
     report["seconds"] = time.perf_counter() - t_start
     print(json.dumps(report, indent=2))

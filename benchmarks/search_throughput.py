@@ -1,12 +1,12 @@
 """Tree-search throughput: batched across trees vs. one tree at a time vs. the engine's raw generation.
 
-In one process on the same model: (a) the search over all tasks as one shard (every rollout step of every
-tree in one engine call per turn round), (b) the same search one tree at a time (shard size 1: what a
-per-tree search loop does), (c) the engine's raw batched generation of the same views the search
-generated from, the same number of tokens per view (greedy, end-of-turn suppressed), at the same max
-batch, and (d) the same raw generation of (b)'s views call by call as (b) made them: (c)/(d) is what
-batching alone buys on this hardware, the ceiling of (a)/(b). Same tasks, same search knobs, same seeds; T_norm is calibrated once beforehand and shared (not
-timed). Token counts are the ledger's ``generated_tokens`` deltas. Prints one JSON object.
+In one process on the same model: (a) the search over all tasks as one shard (every rollout step of every tree
+in one engine call per turn round), (b) the same search one tree at a time (shard size 1: what a per-tree
+search loop does), (c) the engine's raw batched generation of the same views the search generated from, the
+same number of tokens per view (greedy, end-of-turn suppressed), at the same max batch, and (d) the same raw
+generation of (b)'s views call by call as (b) made them: (c)/(d) is what batching alone buys on this hardware,
+the ceiling of (a)/(b). Same tasks, same search knobs, same seeds; T_norm is calibrated once beforehand and
+shared (not timed). Token counts are the ledger's ``generated_tokens`` deltas. Prints one JSON object.
 """
 
 from __future__ import annotations
