@@ -250,3 +250,19 @@ def test_projected_gradient_is_seeded_and_zero_at_lr0(gradient, chunks):
         assert a.score != exact  # the projection was applied
     finally:
         gradient.cfg = gradient.cfg.model_copy(update={"projection_dim": None})
+
+
+def test_gradient_candidate_is_charged_like_the_step_it_stands_for(engine, adapter, gradient, chunks):
+    """The DPO gradient of a candidate costs what the step's own forward and backward cost: the reference
+    forward booked as scoring, the policy forward and backward as training (not the reference too)."""
+    from dits.train.step import one_step
+
+    before = engine.ledger.snapshot()
+    with one_step(engine, adapter, chunks[0], lr=0.0, beta=0.1, optimizer="sgd", protocol=PROTOCOL):
+        pass
+    step = engine.ledger.snapshot() - before
+    before = engine.ledger.snapshot()
+    gradient.dpo_gradient(chunks[0])  # type: ignore[attr-defined]
+    grad = engine.ledger.snapshot() - before
+    assert step.trained_tokens > 0 and step.scored_tokens > 0
+    assert (grad.trained_tokens, grad.scored_tokens) == (step.trained_tokens, step.scored_tokens)

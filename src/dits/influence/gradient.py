@@ -118,11 +118,15 @@ class GradientEstimator(LikelihoodEstimator):
         return out / math.sqrt(d)
 
     def dpo_gradient(self, chunk: list[PairCandidate]) -> dict[str, torch.Tensor]:
-        """``∇L_DPO(z)`` on the adapter's tensors at θ (reference = θ, as in the step itself)."""
-        from dits.train.step import dpo_loss
+        """``∇L_DPO(z)`` on the adapter's tensors at θ (reference = θ, as in the step itself). The reference
+        forward runs first, outside the gradient context, so the ledger books it as scoring, as
+        :func:`~dits.train.step.one_step` does; only the policy forward and backward are training."""
+        from dits.train.step import dpo_loss, reference_logps
 
+        with active_adapter(self.engine, self.adapter):
+            ref = reference_logps(self.engine, chunk, protocol=self.protocol)
         with self._grad_on_adapter() as params:
-            loss = dpo_loss(self.engine, chunk, self.cfg.beta, protocol=self.protocol)
+            loss = dpo_loss(self.engine, chunk, self.cfg.beta, ref, protocol=self.protocol)
             got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         return {
             n: (g if g is not None else torch.zeros_like(p)).detach().float()
