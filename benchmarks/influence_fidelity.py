@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--estimators", default=",".join(ESTIMATORS), help="which to run (rollout always runs)")
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
@@ -182,7 +183,8 @@ def main() -> None:
             "seconds": gt_cost.seconds,
         },
     }
-    for kind in ESTIMATORS:
+    kinds = [k for k in ESTIMATORS if k == "rollout" or k in args.estimators.split(",")]
+    for kind in kinds:
         icfg = InfluenceConfig(
             estimator=kind,  # type: ignore[arg-type]
             chunk_size=args.chunk_size, lr=args.lr, beta=args.beta, optimizer=args.optimizer,
@@ -209,7 +211,7 @@ def main() -> None:
     def per_candidate(kind: str) -> float:  # the cost of one more candidate: preparation left out
         return (report[kind]["flops"] - report[kind]["prepare_flops"]) / len(chunks)
 
-    for kind in ("likelihood", "gradient"):
+    for kind in kinds[1:]:
         report[kind]["cost_ratio_vs_rollout"] = {
             "flops": report[kind]["flops"] / report["rollout"]["flops"],
             "seconds": report[kind]["seconds"] / report["rollout"]["seconds"],
