@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
-from dits.config import load_config
+from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_estimator
 from dits.influence.base import metered
@@ -95,14 +95,18 @@ class GroundTruth:
         return statistics.fmean(sel)
 
 
-def get_pool(args: argparse.Namespace, engine: HFEngine, work: Path) -> list[PairCandidate]:
-    if args.pairs:  # several files: the union of their pools
-        return [p for path in args.pairs for p in read_pairs(path)]
-    cfg = load_config(None, {
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The one config of the benchmark: the pool's search, the protocol, the task and θ's LoRA."""
+    return load_config(None, {
         "seed": args.seed, "task.dataset": args.dataset, "task.train": args.train_tasks,
         "search.explore": args.explore, "search.expand": args.expand,
         "protocol.max_turns": args.max_turns, "protocol.max_new_tokens": args.max_new_tokens,
     })  # fmt: skip
+
+
+def get_pool(args: argparse.Namespace, cfg: RunConfig, engine: HFEngine, work: Path) -> list[PairCandidate]:
+    if args.pairs:  # several files: the union of their pools
+        return [p for path in args.pairs for p in read_pairs(path)]
     train = examples_for(cfg.task, "train")
     log.info("synthesizing a pool on %d train tasks into %s", len(train), work / "pool")
     summary = synthesize(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=args.progress)
@@ -143,16 +147,17 @@ def main() -> None:
     engine = HFEngine(args.model)
     tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="dits-fidelity-")
     work = Path(args.work_dir or tmp.name)  # type: ignore[union-attr]
-    protocol = ProtocolConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens)
-    pool = get_pool(args, engine, work)
+    cfg = run_config(args)
+    protocol = cfg.protocol
+    pool = get_pool(args, cfg, engine, work)
     chunks = chunk_pairs(pool, args.chunk_size, seed=args.seed)
     chunks = [c for c in chunks if len(c) == args.chunk_size][: args.candidates]
     if len(chunks) < 4:
         raise SystemExit(f"the pool ({len(pool)} pairs) gives {len(chunks)} full chunks; grow a larger one")
-    task = load_config(None, {"task.dataset": args.dataset, "task.dev": args.val_tasks + args.gt_tasks}).task
-    dev = examples_for(task, "dev")
+    # The dev size stays out of the pool's config: the trees' digest covers the task section.
+    dev = examples_for(cfg.task.model_copy(update={"dev": args.val_tasks + args.gt_tasks}), "dev")
     val, gt_tasks = dev[: args.val_tasks], dev[args.val_tasks :]
-    theta = probe_adapter(engine, load_config(None).train.lora, seed=args.seed)
+    theta = probe_adapter(engine, cfg.train.lora, seed=args.seed)
 
     # Ground truth: common random numbers before and after each step.
     gt = GroundTruth(engine, gt_tasks, args.gt_samples, protocol, args.seed)
