@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
+from dits.artifacts import read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_estimator
@@ -44,9 +45,9 @@ from dits.influence.base import metered
 from dits.influence.inputs import probe_adapter
 from dits.mas.dialogue import run_dialogues
 from dits.mas.protocol import ProtocolConfig
-from dits.search.pairs import PairCandidate
+from dits.records import PreferencePair
 from dits.seeding import derive_seed
-from dits.synthesize import read_pairs, synthesize
+from dits.stages.search import grow_pool
 from dits.tasks.example import Example
 from dits.tasks.source import examples_for
 from dits.train.step import one_step
@@ -104,13 +105,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     })  # fmt: skip
 
 
-def get_pool(args: argparse.Namespace, cfg: RunConfig, engine: HFEngine, work: Path) -> list[PairCandidate]:
+def get_pool(args: argparse.Namespace, cfg: RunConfig, engine: HFEngine, work: Path) -> list[PreferencePair]:
     if args.pairs:  # several files: the union of their pools
-        return [p for path in args.pairs for p in read_pairs(path)]
+        return [p for path in args.pairs for p in read_jsonl(path, PreferencePair)]
     train = examples_for(cfg.task, "train")
     log.info("synthesizing a pool on %d train tasks into %s", len(train), work / "pool")
-    summary = synthesize(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=args.progress)
-    return list(read_pairs(summary.pairs_path))
+    summary = grow_pool(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=args.progress)
+    return list(read_jsonl(summary.pairs_path, PreferencePair))
 
 
 def main() -> None:
@@ -166,8 +167,7 @@ def main() -> None:
         base = gt.metrics()
         truth, halves = [], []
         for i, chunk in enumerate(chunks):
-            with one_step(engine, theta, chunk, lr=args.lr, beta=args.beta, optimizer=args.optimizer,
-                          protocol=protocol):  # fmt: skip
+            with one_step(engine, theta, chunk, lr=args.lr, beta=args.beta, optimizer=args.optimizer):
                 after = gt.metrics()
             truth.append(statistics.fmean(after) - statistics.fmean(base))
             halves.append([gt.half(after, h) - gt.half(base, h) for h in (0, 1)])

@@ -31,13 +31,15 @@ from typing import Any
 
 import torch
 
+from dits.artifacts import read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.evaluate import EvalRecord, bootstrap_ci, run_method, summarize
 from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_estimator, pair_key
 from dits.ledger import LedgerCounts
+from dits.records import PreferencePair
 from dits.select import SelectConfig, Strategy, select_pairs
-from dits.synthesize import PreferencePair, read_pairs, synthesize
+from dits.stages.search import grow_pool
 from dits.tasks.example import Example
 from dits.tasks.source import examples_for
 from dits.train.config import TrainConfig
@@ -116,8 +118,8 @@ def synthesize_pool(
 ) -> tuple[list[PreferencePair], dict[str, Any]]:
     train = examples_for(cfg.task, "train")
     before = engine.ledger.snapshot()
-    summary = synthesize(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=progress)
-    pairs = read_pairs(summary.pairs_path)
+    summary = grow_pool(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=progress)
+    pairs = read_jsonl(summary.pairs_path, PreferencePair)
     info = {
         "seed": cfg.seed,
         "trees": summary.trees,
@@ -182,7 +184,7 @@ def train_and_evaluate(
     name = f"sq_{strategy}"
     before = engine.ledger.snapshot()
     torch.manual_seed(cfg.seed)  # the fresh LoRA's initial A: the same draw for every strategy
-    result = train_dpo(engine, kept, tcfg, work / strategy, adapter_name=name, protocol=cfg.protocol)
+    result = train_dpo(engine, kept, tcfg, work / strategy, adapter_name=name)
     train_flops = flops(engine, before)
     try:
         ev = evaluate(engine, test, cfg, name)

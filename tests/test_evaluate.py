@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from dits.artifacts import read_jsonl
 from dits.cli import main
-from dits.evaluate import EvalRecord, bootstrap_ci, evaluate
-from dits.jsonl import read_jsonl
+from dits.evaluate import EvalRecord, bootstrap_ci
 from dits.mas.protocol import ProtocolConfig
+from dits.stages.evaluate import evaluate_to_dir
 from dits.tasks import load_examples
 from dits.tasks.builtin import make_builtin
 from dits.tasks.loaders import default_data_root
@@ -51,19 +52,19 @@ def test_evaluate_builtin_and_real_datasets_on_embedded_model(engine, tmp_path):
     ]
     for examples, method in cases:
         out = tmp_path / f"{examples[0].dataset}-{method}"
-        evaluate(engine, examples, method, SMALL, out, progress=False)
+        evaluate_to_dir(engine, examples, method, SMALL, out, progress=False)
         _check_summary_against_transcripts(out, examples)
 
 
 def test_evaluate_resumes_after_a_kill(tmp_path):
     examples = make_builtin("facts", "test", 4, 0)
     eng = ScriptedEngine(lambda v: "<A>Zorvath</A>")
-    evaluate(eng, examples, "mas", SMALL, tmp_path, chunk=2, progress=False)
+    evaluate_to_dir(eng, examples, "mas", SMALL, tmp_path, chunk=2, progress=False)
     path = tmp_path / "transcripts.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # killed mid-append
     eng2 = ScriptedEngine(lambda v: "<A>Zorvath</A>")
-    evaluate(eng2, examples, "mas", SMALL, tmp_path, chunk=2, progress=False)
+    evaluate_to_dir(eng2, examples, "mas", SMALL, tmp_path, chunk=2, progress=False)
     assert sum(len(c) for c in eng2.calls) == 2 * 2  # only the 2 missing tasks, 2 turns each
     _check_summary_against_transcripts(tmp_path, examples)
 

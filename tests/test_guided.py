@@ -2,7 +2,7 @@
 
 The estimator is replaced by fixed per-pair scores (a function of the pair), so every Î is known; the
 model side is the scripted rollouter of ``test_mcts`` (and the seeded engine of ``test_rollout`` for the
-``synthesize`` path).
+``grow_pool`` path).
 """
 
 from __future__ import annotations
@@ -14,26 +14,28 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pytest
 
+from dits.artifacts import StageChanged
 from dits.config import parse_config
-from dits.influence.base import Cost, InfluenceScore, pair_key
+from dits.mas.protocol import ProtocolConfig, render_view, turn_prefix
+from dits.records import Cost, InfluenceScore, PreferencePair, pair_key
 from dits.search.guided import GuideConfig, InfluenceGuide, candidate_pairs, subtree_influence
 from dits.search.mcts import SearchConfig, run_search, selection_distribution
-from dits.search.pairs import PairCandidate
 from dits.search.tree import ROOT_ID, Tree
-from dits.synthesize import synthesize
+from dits.stages.context import ModelRef, StageContext
+from dits.stages.search import SearchSummary, grow_pool, search_stage
 from tests.test_mcts import TASKS, ScriptedRollouter
-from tests.test_rollout import SeededEngine
+from tests.test_rollout import EXAMPLES, SeededEngine
 from tests.test_synthesize import LOW, _cfg, _many, _tree_lines
 
 
 class FixedScores:
     """A stand-in estimator: ``fn(pair)`` per single-pair chunk, 10 FLOPs and 0.5 s each; records calls."""
 
-    def __init__(self, fn: Callable[[PairCandidate], float]) -> None:
+    def __init__(self, fn: Callable[[PreferencePair], float]) -> None:
         self.fn = fn
-        self.calls: list[list[PairCandidate]] = []
+        self.calls: list[list[PreferencePair]] = []
 
-    def score(self, chunks: Sequence[Sequence[PairCandidate]]) -> list[InfluenceScore]:
+    def score(self, chunks: Sequence[Sequence[PreferencePair]]) -> list[InfluenceScore]:
         assert all(len(c) == 1 for c in chunks)
         self.calls.append([c[0] for c in chunks])
         return [
@@ -49,11 +51,11 @@ class FixedScores:
 
 
 class Forbidden:
-    def score(self, chunks: Sequence[Sequence[PairCandidate]]) -> list[InfluenceScore]:
+    def score(self, chunks: Sequence[Sequence[PreferencePair]]) -> list[InfluenceScore]:
         raise AssertionError("λ = 0 must never call the estimator")
 
 
-def hashed(pair: PairCandidate) -> float:
+def hashed(pair: PreferencePair) -> float:
     """A fixed score in [-1, 1) per pair, unrelated to Q."""
     return int(hashlib.sha256(pair_key(pair).encode()).hexdigest()[:8], 16) / 2**31 - 1.0
 
@@ -86,9 +88,9 @@ def test_lambda_zero_grows_the_plain_trees_and_never_scores(policy: str, seed: i
 def test_lambda_zero_synthesize_writes_the_plain_trees(tmp_path) -> None:
     examples = _many(4)
     cfg = _cfg()
-    synthesize(SeededEngine(), examples, cfg, tmp_path / "plain", shard_size=2, progress=False, pairs=LOW)
+    grow_pool(SeededEngine(), examples, cfg, tmp_path / "plain", shard_size=2, progress=False, pairs=LOW)
     guide = InfluenceGuide(GuideConfig(lam=0.0), Forbidden())
-    s = synthesize(
+    s = grow_pool(
         SeededEngine(),
         examples,
         cfg,
@@ -149,17 +151,16 @@ def test_hand_tree_structure() -> None:
 )
 def test_guided_selection_equals_the_hand_computation(scale: str, lam: float, expected: dict) -> None:
     tree = _hand_tree()
-    rendered: list[tuple[str, list[str], int]] = []
-
-    def render(task_id: str, prefix: list[str], speaker: int) -> list[dict]:
-        rendered.append((task_id, prefix, speaker))
-        return [{"role": "user", "content": " / ".join(prefix)}]
-
+    example = EXAMPLES[0].model_copy(update={"id": "hand"})
+    proto = ProtocolConfig(turn_prefix=True)
     est = FixedScores(lambda p: HAND_SCORES[p.node_id])
-    guide = InfluenceGuide(GuideConfig(lam=lam, scale=scale), est, render=render)
+    guide = InfluenceGuide(GuideConfig(lam=lam, scale=scale), est, examples={"hand": example}, protocol=proto)
     guide.refresh([tree])
-    assert all(p.prompt is not None for p in est.calls[0])  # rendered before scoring
-    assert sorted((r[0], len(r[1])) for r in rendered) == [("hand", 0), ("hand", 1), ("hand", 1)]
+    # Rendered for their DPO step before scoring: the speaker's view and the forced turn prefix.
+    assert sorted(len(p.prefix) for p in est.calls[0]) == [0, 1, 1]
+    for p in est.calls[0]:
+        assert p.prompt == render_view(example, p.prefix, p.speaker, proto)
+        assert p.response_prefix == turn_prefix(p.speaker, proto) != ""
 
     cfg = SearchConfig(top_k=10)
     ids, probs = selection_distribution(tree, cfg, guide)
@@ -208,18 +209,22 @@ def test_synthesize_with_a_guide_counts_its_scoring_and_keys_the_manifest(tmp_pa
     cfg = _cfg()
     guided_cfg = parse_config({**json.loads(cfg.model_dump_json()), "guide": {"lam": 2.0}})
     guide = InfluenceGuide(guided_cfg.guide, FixedScores(hashed), explore=cfg.search.explore)
-    s = synthesize(
+    s = grow_pool(
         SeededEngine(), examples, guided_cfg, tmp_path / "g", progress=False, pairs=LOW, guide=guide
     )
     assert s.guide_pairs_scored == guide.pairs_scored > 0
     assert s.guide_flops == 10.0 * guide.pairs_scored
 
-    # A directory grown without the guide refuses a guided rerun (and the other way round).
-    synthesize(SeededEngine(), examples, cfg, tmp_path / "plain", progress=False, pairs=LOW)
-    with pytest.raises(ValueError, match="another config"):
-        synthesize(SeededEngine(), examples, guided_cfg, tmp_path / "plain", progress=False, guide=guide)
-    with pytest.raises(ValueError, match="another config"):
-        synthesize(SeededEngine(), examples, cfg, tmp_path / "g", progress=False)
+    # A search stage grown without the guide refuses a guided rerun, naming the key.
+    def stage(run_cfg):  # type: ignore[no-untyped-def]
+        ctx = StageContext.single(run_cfg, tmp_path / "plain", engine=SeededEngine(), progress=False)
+        search_stage(ctx, 0, None, ModelRef.base(run_cfg), examples, pairs=LOW)
+
+    stage(cfg)
+    with pytest.raises(StageChanged, match=r"guide\.lam: 0\.0 -> 2\.0"):
+        stage(guided_cfg)
+    with pytest.raises(ValueError, match="needs a guide"):  # grow_pool alone cannot make one
+        grow_pool(SeededEngine(), examples, guided_cfg, tmp_path / "bare", progress=False)
 
 
 def test_a_nonzero_lambda_needs_an_estimator() -> None:
@@ -234,9 +239,9 @@ def test_a_nonzero_lambda_needs_an_estimator() -> None:
 
 @pytest.mark.slow
 def test_guided_synthesize_on_the_embedded_model(engine, tmp_path) -> None:
-    """λ ≠ 0 through ``synthesize`` alone: θ is the base model, probed by a fresh LoRA that is added beside
+    """λ ≠ 0 through the search stage: θ is the base model, probed by a fresh LoRA that is added beside
     it (inactive, so rollouts still run on the base) and removed at the end; pairs are rendered and scored
-    by the gradient estimator, and its cost lands in the ledger."""
+    by the gradient estimator on the run's validation tasks, and its cost lands in the ledger."""
     import torch
 
     from dits.influence.inputs import PROBE_ADAPTER
@@ -267,7 +272,9 @@ def test_guided_synthesize_on_the_embedded_model(engine, tmp_path) -> None:
     before = engine.ledger.snapshot()
     try:
         engine.generate = generate  # type: ignore[method-assign]
-        s = synthesize(engine, examples, cfg, tmp_path, progress=False, pairs=LOW)
+        ctx = StageContext.single(cfg, tmp_path, engine=engine, progress=False)
+        product = search_stage(ctx, 0, None, ModelRef.base(cfg), examples, pairs=LOW)
+        s = SearchSummary.model_validate_json(product.file("summary.json").read_text())
     finally:
         del engine.generate
         torch.set_num_threads(threads)
@@ -275,5 +282,5 @@ def test_guided_synthesize_on_the_embedded_model(engine, tmp_path) -> None:
     assert 0 < s.guide_flops <= engine.ledger.flops(engine.ledger.snapshot() - before)
     # Rollouts ran on the base; the validation samples under θ, the probe (the same function, B = 0).
     assert seen == {(None, True), (PROBE_ADAPTER, False)}
-    assert PROBE_ADAPTER not in getattr(engine.model, "peft_config", {})
+    assert PROBE_ADAPTER not in engine.adapter_names()
     assert engine.active_adapter is None

@@ -20,7 +20,7 @@ import torch
 from dits.influence import InfluenceConfig, InfluenceEstimator, make_estimator
 from dits.mas.dialogue import Transcript
 from dits.mas.protocol import ProtocolConfig, render_view, turn_prefix
-from dits.search.pairs import PairCandidate
+from dits.records import PreferencePair
 from dits.tasks.builtin import make_builtin
 from dits.tasks.example import Example
 
@@ -45,28 +45,20 @@ def _one_thread():
 
 
 def _drop_adapter(engine, name: str) -> None:
-    if name in getattr(engine.model, "peft_config", {}):
-        if engine.active_adapter == name:
-            engine.set_adapter(None)
-        others = [n for n in engine.model.peft_config if n != name]
-        if others:
-            engine.model.set_adapter(others[0])
-        engine.model.delete_adapter(name)
-        if not others:
-            engine.model = engine.model.unload()
+    if name in engine.adapter_names():
+        engine.delete_adapter(name)
 
 
 @pytest.fixture(scope="module")
 def adapter(engine):
     """A small seeded LoRA with non-zero B, so the DPO gradient reaches both A and B."""
-    from dits.train.common import adapter_parameters
     from dits.train.config import LoraSettings
 
     name = f"infl_{uuid.uuid4().hex[:6]}"
     engine.add_adapter(name, LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"]).to_peft())
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n, p in adapter_parameters(engine, name).items():
+        for n, p in engine.adapter_parameters(name).items():
             # Both from a seeded generator: PEFT draws A from the global RNG, whose state depends on what
             # ran earlier in the session, and the scores below would then depend on the test selection.
             p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if "lora_B" in n else 0.04))
@@ -83,10 +75,10 @@ def val_examples() -> list[Example]:
 
 
 @pytest.fixture(scope="module")
-def chunks() -> list[list[PairCandidate]]:
+def chunks() -> list[list[PreferencePair]]:
     train = make_builtin("facts", "train", 3, seed=0)
     pairs = [
-        PairCandidate(
+        PreferencePair(
             tree_task_id=ex.id,
             node_id=f"n{i}",
             prefix=[],
@@ -133,9 +125,8 @@ def gradient(engine, adapter, val_examples) -> InfluenceEstimator:
 
 
 def _adapter_state(engine, name: str) -> dict[str, torch.Tensor]:
-    from dits.train.common import adapter_parameters
 
-    return {n: p.detach().clone() for n, p in adapter_parameters(engine, name).items()}
+    return {n: p.detach().clone() for n, p in engine.adapter_parameters(name).items()}
 
 
 def _assert_same(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
@@ -203,7 +194,7 @@ def test_likelihood_equals_brute_force_importance_weighting(
     engine.set_adapter(adapter)
     try:
         base = [_manual_logp(engine, val_examples[c.task], c.transcript) for c in cache]
-        with one_step(engine, adapter, chunks[0], lr=lr, beta=0.1, optimizer="sgd", protocol=PROTOCOL):
+        with one_step(engine, adapter, chunks[0], lr=lr, beta=0.1, optimizer="sgd"):
             engine.set_adapter(adapter)
             stepped = [_manual_logp(engine, val_examples[c.task], c.transcript) for c in cache]
     finally:
@@ -258,7 +249,7 @@ def test_gradient_candidate_is_charged_like_the_step_it_stands_for(engine, adapt
     from dits.train.step import one_step
 
     before = engine.ledger.snapshot()
-    with one_step(engine, adapter, chunks[0], lr=0.0, beta=0.1, optimizer="sgd", protocol=PROTOCOL):
+    with one_step(engine, adapter, chunks[0], lr=0.0, beta=0.1, optimizer="sgd"):
         pass
     step = engine.ledger.snapshot() - before
     before = engine.ledger.snapshot()

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from dits.records import PreferencePair
 from dits.search.mcts import RolloutRequest, RolloutResult, SearchConfig, run_search
-from dits.search.pairs import PairCandidate, keep_count, mine_pairs
+from dits.search.pairs import keep_count, mine_pairs, mine_tree_pairs
 from dits.search.tree import ROOT_ID, Tree
 
 LINES = {
@@ -172,21 +173,24 @@ def test_ties_break_by_creation_order() -> None:
     assert pair.chosen_id == "n2" and pair.rejected_id == "n1"
 
 
-def test_render_fills_prompt_for_the_speaker() -> None:
+def test_mine_tree_pairs_renders_the_prompt_and_prefix_for_the_speaker() -> None:
+    from dits.mas.protocol import ProtocolConfig, render_view
+    from dits.search.pairs import PairConfig
+    from tests.test_rollout import EXAMPLES
+
     tree = _hand_tree()
-    seen: list[tuple[str, list[str], int]] = []
-
-    def render(task_id: str, prefix: list[str], speaker: int) -> list[dict]:
-        seen.append((task_id, prefix, speaker))
-        return [
-            {"role": "system", "content": f"agent {speaker}"},
-            *({"role": "user", "content": u} for u in prefix),
-        ]
-
-    pairs = mine_pairs(tree, keep_top_fraction=1.0, render=render)
-    assert seen == [("hand", [], 0), ("hand", ["C"], 1)]
-    assert pairs[1].prompt == [{"role": "system", "content": "agent 1"}, {"role": "user", "content": "C"}]
-    back = PairCandidate.model_validate_json(pairs[1].model_dump_json())
+    example = EXAMPLES[0].model_copy(update={"id": "hand"})
+    proto = ProtocolConfig(turn_prefix=True)
+    pairs = mine_tree_pairs(tree, example, proto, PairConfig(tau=-10.0, min_gap=0.0, keep_top_fraction=1.0))
+    plain = mine_pairs(tree, tau=-10.0, min_gap=0.0, keep_top_fraction=1.0)
+    key = [(p.node_id, p.speaker, p.prefix) for p in plain]
+    assert [(p.node_id, p.speaker, p.prefix) for p in pairs] == key
+    assert {p.speaker for p in pairs} == {0, 1}  # both agents' views are rendered
+    for p in pairs:
+        assert p.prompt == render_view(example, p.prefix, p.speaker, proto)
+        assert p.response_prefix == ("Alice:", "Bob:")[p.speaker]
+        assert p.chosen_response == f"{p.response_prefix} {p.chosen}"
+    back = PreferencePair.model_validate_json(pairs[1].model_dump_json())
     assert back == pairs[1]
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dits.artifacts import StageChanged, differences, read_manifest, run_stage
 from dits.ledger import Ledger
-from dits.pipeline.stage import StageChanged, differences, read_manifest, run_stage
 
 # -- stage rules (no model) ---------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ def _scores_without_cost(path: Path) -> list[tuple]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrupted, tmp_path, monkeypatch):
-    import dits.synthesize
+    import dits.stages.search
     import dits.train.dpo
 
     def killed(*_a, **_k):
@@ -128,7 +128,7 @@ def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrup
 
     # 1) killed in the search stage, after the trees were appended and before the pairs were written
     with monkeypatch.context() as m:
-        m.setattr(dits.synthesize, "mine_tree_pairs", killed)
+        m.setattr(dits.stages.search, "mine_tree_pairs", killed)
         with pytest.raises(KeyboardInterrupt):
             _run(engine, tmp_path)
     run = tmp_path / "tiny"
@@ -152,8 +152,8 @@ def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrup
 
 @pytest.mark.slow
 def test_report_numbers_equal_a_recomputation_from_artifacts(uninterrupted):
+    from dits.artifacts import read_jsonl
     from dits.evaluate import EvalRecord, bootstrap_ci
-    from dits.jsonl import read_jsonl
     from dits.report import collect_rows, write_report
 
     report = write_report(uninterrupted).read_text()
@@ -191,17 +191,16 @@ def test_changed_config_of_a_finished_stage_is_refused(tmp_path):
     """No model needed: a finished manifest with other inputs is enough to trigger the refusal."""
     from dits.config import parse_config
     from dits.pipeline import Pipeline
-    from dits.pipeline.loop import ModelRef
-    from dits.pipeline.stages import Stages
+    from dits.stages.context import ModelRef
+    from dits.stages.evaluate import evaluate_stage
 
     cfg = parse_config(TINY)
     pipe = Pipeline(cfg, tmp_path, progress=False)
-    stages = Stages(pipe)
     base = ModelRef(kind="base", digest="b")
     stage_dir = tmp_path / "tiny" / "base" / "evaluate"
     stage_dir.mkdir(parents=True)
     old = {"digest": "old", "inputs": {"protocol": {"max_turns": 9}}}
     (stage_dir / "stage.json").write_text(json.dumps(old))
     with pytest.raises(StageChanged, match=r"protocol\.max_turns: 9 -> 2"):
-        stages.evaluate(None, None, base, [])
+        evaluate_stage(pipe.ctx, None, None, base, [])
     shutil.rmtree(stage_dir)

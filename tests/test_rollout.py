@@ -273,9 +273,12 @@ class CountingEngine(Engine):
 
 @pytest.fixture(scope="module")
 def real_run(engine, tmp_path_factory):
-    """synthesize() on 2 built-in facts tasks with tiny settings, every rollouter call recorded."""
+    """grow_pool() on 2 built-in facts tasks with tiny settings, every rollouter call recorded."""
+    from dits.artifacts import read_jsonl
     from dits.config import parse_config
-    from dits.synthesize import PairConfig, read_pairs, read_trees, synthesize
+    from dits.records import PreferencePair
+    from dits.search.pairs import PairConfig
+    from dits.stages.search import grow_pool
     from dits.tasks.builtin import make_builtin
 
     counting = CountingEngine(engine)
@@ -306,7 +309,7 @@ def real_run(engine, tmp_path_factory):
     # tau (0.4) and sibling gaps are often < 0.2: lowered here, the test checks the plumbing, not the model.
     pair_cfg = PairConfig(tau=-10.0, min_gap=0.0)
     try:
-        summary = synthesize(counting, examples, cfg, out, shard_size=2, progress=False, pairs=pair_cfg)
+        summary = grow_pool(counting, examples, cfg, out, shard_size=2, progress=False, pairs=pair_cfg)
     finally:
         mp.undo()
         torch.set_num_threads(threads)
@@ -314,8 +317,8 @@ def real_run(engine, tmp_path_factory):
         "summary": summary,
         "examples": {ex.id: ex for ex in examples},
         "cfg": cfg,
-        "trees": read_trees(out / "trees.jsonl"),
-        "pairs": read_pairs(out / "pairs.jsonl"),
+        "trees": read_jsonl(out / "trees.jsonl", Tree),
+        "pairs": read_jsonl(out / "pairs.jsonl", PreferencePair),
         "calls": calls,
         "counting": counting,
         "out": out,
@@ -373,7 +376,7 @@ def test_real_search_trees_are_well_formed(real_run):
 
 @pytest.mark.slow
 def test_real_search_mines_pairs_with_rendered_prompts(real_run):
-    from dits.synthesize import pairs_to_dataset
+    from dits.train.rows import preference_dataset
 
     pairs = real_run["pairs"]
     assert pairs and real_run["summary"].pairs == len(pairs)
@@ -386,7 +389,7 @@ def test_real_search_mines_pairs_with_rendered_prompts(real_run):
         assert {p.chosen_id, p.rejected_id} <= set(tree.nodes[p.node_id].children)
         assert (p.q_chosen, p.q_rejected) == (tree.nodes[p.chosen_id].q, tree.nodes[p.rejected_id].q)
         assert p.q_chosen > p.q_rejected
-    ds = pairs_to_dataset(pairs)
+    ds = preference_dataset(pairs)
     assert len(ds) == len(pairs)
     row = ds[0]
     assert row["prompt"] == pairs[0].prompt

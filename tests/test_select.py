@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from dits.influence.base import Cost, InfluenceScore, chunk_pairs, pair_key
-from dits.search.pairs import PairCandidate
+from dits.influence.base import chunk_pairs
+from dits.records import Cost, InfluenceScore, PreferencePair, pair_key
 from dits.select import SelectConfig, minmax, pair_influence, select_pairs
 
 
-def _pair(i: int, q: float) -> PairCandidate:
-    return PairCandidate(
+def _pair(i: int, q: float) -> PreferencePair:
+    return PreferencePair(
         tree_task_id=f"t{i % 2}",
         node_id=f"n{i}",
         prefix=[],
@@ -26,7 +26,7 @@ def _pair(i: int, q: float) -> PairCandidate:
     )
 
 
-def _ids(pairs: list[PairCandidate]) -> list[str]:
+def _ids(pairs: list[PreferencePair]) -> list[str]:
     return [p.node_id for p in pairs]
 
 

@@ -1,15 +1,14 @@
-"""``dits select``: the kept pairs and the TRL dataset equal ``select_pairs`` run here on the same inputs."""
+"""``dits select``: the kept pairs and their TRL rows equal ``select_pairs`` run here on the same inputs."""
 
 from __future__ import annotations
 
 import pytest
 
+from dits.artifacts import SELECTED_FILE, append_jsonl, read_jsonl
 from dits.cli import main
-from dits.influence.base import Cost, InfluenceScore, chunk_pairs, pair_key
-from dits.jsonl import append_jsonl
+from dits.influence.base import chunk_pairs
+from dits.records import Cost, InfluenceScore, PreferencePair, pair_key
 from dits.select import SelectConfig, select_pairs
-from dits.select_cmd import DATASET_DIR, SELECTED_FILE
-from dits.synthesize import PreferencePair, read_pairs
 
 Q = [0.9, 0.5, 0.7, 0.1, 0.6, 0.8, 0.55]
 CHUNK_SCORES = [0.02, -0.01, 0.05, 0.0]
@@ -76,15 +75,14 @@ def test_cli_selection_equals_select_pairs(files, tmp_path, capsys, strategy, ex
         seed=int(opts.get("--seed", 0)),
     )
     expected = select_pairs(pairs, _scores(pairs), cfg)
-    kept = read_pairs(out / SELECTED_FILE)
+    kept = read_jsonl(out / SELECTED_FILE, PreferencePair)
     assert [p.model_dump() for p in kept] == [p.model_dump() for p in expected]
     n = len(Q) if strategy == "all" else max(1, int(len(Q) * cfg.ratio))
     assert len(kept) == n
 
-    from datasets import load_from_disk
+    from dits.train.rows import preference_dataset
 
-    ds = load_from_disk(str(out / DATASET_DIR))
-    assert ds["node_id"] == [p.node_id for p in expected]
+    ds = preference_dataset(kept)  # what the DPO stage trains on
     assert ds["prompt"] == [p.prompt for p in expected]
     turn = lambda text: [{"role": "assistant", "content": f"Bob: {text}"}]  # noqa: E731
     assert ds["chosen"] == [turn(f"good {p.node_id[1:]}") for p in expected]
@@ -106,7 +104,7 @@ def test_mix_by_hand(files, tmp_path):
     top = sorted(sorted(range(len(Q)), key=lambda i: -mix[i])[:3])
     out = tmp_path / "out"
     main(["select", "--pairs", str(pairs_path), "--scores", str(scores_path), "--out", str(out)])
-    assert [p.node_id for p in read_pairs(out / SELECTED_FILE)] == [f"n{i}" for i in top]
+    assert [p.node_id for p in read_jsonl(out / SELECTED_FILE, PreferencePair)] == [f"n{i}" for i in top]
 
 
 def test_missing_scores_are_a_clear_error(files, tmp_path):

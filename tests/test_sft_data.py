@@ -9,18 +9,12 @@ import random
 import numpy as np
 import pytest
 
+from dits.config import SftDataConfig
 from dits.mas.dialogue import Transcript, Turn
 from dits.mas.protocol import ProtocolConfig, render_view
+from dits.records import SftRow
 from dits.reward import RewardBreakdown, RewardConfig, compute_reward, utterance_nlls
-from dits.sft_data import (
-    SampledConversation,
-    SftDataConfig,
-    SftRow,
-    build_sft_data,
-    rows_to_dataset,
-    select_conversations,
-    sft_rows,
-)
+from dits.stages.sft_data import SampledConversation, build_sft_data, select_conversations, sft_rows
 from dits.tasks.example import Example
 from tests.test_rollout import EXAMPLES, SeededEngine
 
@@ -189,6 +183,8 @@ def test_build_sft_data_samples_in_one_batched_run(tmp_path):
     assert [SftRow.model_validate_json(x) for x in lines] == data.rows
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 24
     assert json.loads((tmp_path / "sft_data.json").read_text())["rows"] == len(data.rows)
-    ds = rows_to_dataset(data.rows)
-    assert ds.column_names[:2] == ["prompt", "completion"] and len(ds) == len(data.rows)
-    assert ds[0]["prompt"] == data.rows[0].prompt
+    from dits.train.rows import completion_rows
+
+    ds = completion_rows(data.rows)  # what SFT trains on
+    assert len(ds) == len(data.rows)
+    assert ds[0] == {"prompt": data.rows[0].prompt, "completion": data.rows[0].completion}

@@ -1,4 +1,4 @@
-"""synthesize(): resuming after a crash gives the same trees as an uninterrupted run; files and pairs.
+"""grow_pool(): resuming after a crash gives the same trees as an uninterrupted run; files and pairs.
 
 The kill-and-resume test runs the real command path (``add_parser`` → handler → engine from config) in
 subprocesses and SIGKILLs one mid-run. It uses a tiny randomly initialised model with the embedded
@@ -18,21 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from dits.artifacts import StageChanged, read_jsonl
 from dits.config import RunConfig, load_config, parse_config, parse_overrides
 from dits.mas.protocol import ProtocolConfig, render_view
+from dits.records import PreferencePair
+from dits.search.pairs import PairConfig, default_tau, mine_tree_pairs
 from dits.search.tree import Tree
-from dits.synthesize import (
-    PairConfig,
-    PreferencePair,
-    default_tau,
-    mine_tree_pairs,
-    pairs_to_dataset,
-    read_pairs,
-    read_trees,
-    synthesize,
-)
+from dits.stages.context import ModelRef, StageContext
+from dits.stages.search import grow_pool, search_stage
 from dits.tasks.builtin import make_builtin
 from dits.tasks.source import examples_for
+from dits.train.rows import preference_rows
 from tests.test_rollout import EXAMPLES, SeededEngine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,16 +69,16 @@ def test_read_trees_cuts_a_torn_last_line_and_refuses_a_corrupt_middle(tmp_path)
     good = "".join(_small_tree(f"t{i}").to_json() + "\n" for i in range(2))
     torn = _small_tree("t2").to_json()
     path.write_text(good + torn[: len(torn) // 2])
-    assert [t.task_id for t in read_trees(path)] == ["t0", "t1"]
+    assert [t.task_id for t in read_jsonl(path, Tree)] == ["t0", "t1"]
     assert path.read_text() == good  # truncated on disk, ready for appends
 
     path.write_text(good + torn)  # a whole tree whose newline never made it: kept, newline restored
-    assert [t.task_id for t in read_trees(path)] == ["t0", "t1", "t2"]
+    assert [t.task_id for t in read_jsonl(path, Tree)] == ["t0", "t1", "t2"]
     assert path.read_text() == good + torn + "\n"
 
     path.write_text(good.replace('"t0"', '"t0', 1))
     with pytest.raises(ValueError, match="jsonl:1"):
-        read_trees(path)
+        read_jsonl(path, Tree)
 
 
 def test_default_tau_by_dataset():
@@ -120,17 +116,17 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     examples = _many(6)
     cfg = _cfg()
     ref_engine = SeededEngine()
-    ref = synthesize(ref_engine, examples, cfg, tmp_path / "ref", shard_size=2, progress=False, pairs=LOW)
+    ref = grow_pool(ref_engine, examples, cfg, tmp_path / "ref", shard_size=2, progress=False, pairs=LOW)
     assert ref.trees_new == 6 and ref.pairs > 0
 
     crashing = CrashingEngine(crash_after=len(ref_engine.calls) // 2)  # dies in the middle shard
     with pytest.raises(Crash):
-        synthesize(crashing, examples, cfg, tmp_path / "run", shard_size=2, progress=False, pairs=LOW)
+        grow_pool(crashing, examples, cfg, tmp_path / "run", shard_size=2, progress=False, pairs=LOW)
     partial = _tree_lines(tmp_path / "run" / "trees.jsonl")
     assert 0 < len(partial) < 6
 
     engine = SeededEngine()
-    resumed = synthesize(engine, examples, cfg, tmp_path / "run", shard_size=2, progress=False, pairs=LOW)
+    resumed = grow_pool(engine, examples, cfg, tmp_path / "run", shard_size=2, progress=False, pairs=LOW)
     assert resumed.trees_new == 6 - len(partial)
     lines = _tree_lines(tmp_path / "run" / "trees.jsonl")
     assert lines[: len(partial)] == partial
@@ -144,7 +140,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     # A finished directory: nothing is regrown, nothing is generated.
     again = SeededEngine()
-    done = synthesize(again, examples, cfg, tmp_path / "run", shard_size=2, progress=False, pairs=LOW)
+    done = grow_pool(again, examples, cfg, tmp_path / "run", shard_size=2, progress=False, pairs=LOW)
     assert done.trees_new == 0 and again.calls == []
 
 
@@ -153,14 +149,14 @@ def test_a_shard_cut_short_is_regrown_whole_and_only_its_missing_trees_written(t
 
     examples = _many(6)
     cfg = _cfg()
-    synthesize(SeededEngine(), examples, cfg, tmp_path / "ref", shard_size=2, progress=False, pairs=LOW)
+    grow_pool(SeededEngine(), examples, cfg, tmp_path / "ref", shard_size=2, progress=False, pairs=LOW)
     shutil.copytree(tmp_path / "ref", tmp_path / "run")
     trees_file = tmp_path / "run" / "trees.jsonl"
     lines = trees_file.read_text().splitlines(keepends=True)
     trees_file.write_text("".join(lines[:3]))  # shard 1 and half of shard 2 made it to disk
 
     engine = SeededEngine()
-    resumed = synthesize(engine, examples, cfg, tmp_path / "run", shard_size=2, progress=False, pairs=LOW)
+    resumed = grow_pool(engine, examples, cfg, tmp_path / "run", shard_size=2, progress=False, pairs=LOW)
     assert resumed.trees_new == 3
     views, _, _ = engine.calls[0]
     assert len(views) == 2 * cfg.search.expand  # shard 2 ran with both of its trees, as originally
@@ -170,36 +166,44 @@ def test_a_shard_cut_short_is_regrown_whole_and_only_its_missing_trees_written(t
 def test_t_norm_is_calibrated_once_and_persisted(tmp_path):
     examples = _many(4)
     cfg = _cfg(explore=1)
-    first = synthesize(SeededEngine(), examples[:2], cfg, tmp_path, shard_size=2, progress=False)
+    first = grow_pool(SeededEngine(), examples[:2], cfg, tmp_path, shard_size=2, progress=False)
     stored = json.loads((tmp_path / "t_norm.json").read_text())
     assert stored["t_norm"] == first.t_norm and stored["example_ids"] == [ex.id for ex in examples[:2]]
     # A later call (more tasks) keeps the stored value instead of recalibrating on a different sample.
     engine = SeededEngine()
-    second = synthesize(engine, examples, cfg, tmp_path, shard_size=2, progress=False)
+    second = grow_pool(engine, examples, cfg, tmp_path, shard_size=2, progress=False)
     assert second.t_norm == first.t_norm
     assert json.loads((tmp_path / "t_norm.json").read_text()) == stored
     with pytest.raises(ValueError, match="T_norm"):
-        synthesize(SeededEngine(), examples, cfg, tmp_path, progress=False, t_norm=first.t_norm + 1)
+        grow_pool(SeededEngine(), examples, cfg, tmp_path, progress=False, t_norm=first.t_norm + 1)
 
 
 def test_a_different_config_is_refused(tmp_path):
+    """The search stage (what ``dits synthesize`` and the pipeline run) refuses to mix trees of two
+    configs in one directory, naming the key."""
     examples = _many(2)
-    synthesize(SeededEngine(), examples, _cfg(explore=1), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="another config"):
-        synthesize(SeededEngine(), examples, _cfg(explore=2), tmp_path, progress=False)
+
+    def run(cfg: RunConfig) -> None:
+        ctx = StageContext.single(cfg, tmp_path, engine=SeededEngine(), progress=False)
+        search_stage(ctx, 0, None, ModelRef.base(cfg), examples)
+
+    run(_cfg(explore=1))
+    assert (tmp_path / "manifest.json").exists() and read_jsonl(tmp_path / "trees.jsonl", Tree)
+    with pytest.raises(StageChanged, match=r"search\.explore: 1 -> 2"):
+        run(_cfg(explore=2))
 
 
 def test_pairs_with_a_turn_prefix_render_like_the_protocol(tmp_path):
     proto = ProtocolConfig(max_turns=5, max_new_tokens=12, turn_prefix=True)
     cfg = _cfg().model_copy(update={"protocol": proto})
     examples = _many(2)
-    synthesize(SeededEngine(), examples, cfg, tmp_path, progress=False, pairs=LOW)
-    pairs = read_pairs(tmp_path / "pairs.jsonl")
-    trees = {t.task_id: t for t in read_trees(tmp_path / "trees.jsonl")}
+    grow_pool(SeededEngine(), examples, cfg, tmp_path, progress=False, pairs=LOW)
+    pairs = read_jsonl(tmp_path / "pairs.jsonl", PreferencePair)
+    trees = {t.task_id: t for t in read_jsonl(tmp_path / "trees.jsonl", Tree)}
     by_id = {ex.id: ex for ex in examples}
     assert pairs
     assert pairs == [p for ex in examples for p in mine_tree_pairs(trees[ex.id], ex, proto, LOW)]
-    ds = pairs_to_dataset(pairs)
+    ds = preference_rows(pairs)
     for p, row in zip(pairs, ds, strict=True):
         assert isinstance(p, PreferencePair)
         assert row["prompt"] == render_view(by_id[p.tree_task_id], p.prefix, p.speaker, proto)
@@ -208,7 +212,6 @@ def test_pairs_with_a_turn_prefix_render_like_the_protocol(tmp_path):
         later = render_view(by_id[p.tree_task_id], [*p.prefix, p.chosen, "x"], p.speaker, proto)
         assert row["chosen"] == [{"role": "assistant", "content": f"{name}: {p.chosen}"}] == [later[-2]]
         assert row["rejected"][0]["content"] == f"{name}: {p.rejected}"
-        assert row["q_chosen"] == p.q_chosen and row["task_id"] == p.tree_task_id
 
 
 # -- task source and command-line helpers ------------------------------------------------------------
@@ -247,9 +250,9 @@ def test_overrides_parse_yaml_values():
 # -- kill -9 and resume, through the command path, in subprocesses -------------------------------------
 
 SCRIPT = """
-import argparse, sys, time
+import sys, time
 from dits.engine.hf import HFEngine
-from dits.synthesize import add_parser
+from dits.cli import build_parser
 
 delay = float(sys.argv[1])
 if delay:
@@ -258,9 +261,7 @@ if delay:
         time.sleep(delay)
         return original(self, views, sampling, seeds=seeds)
     HFEngine.generate = slow
-parser = argparse.ArgumentParser()
-add_parser(parser.add_subparsers(dest="command", required=True))
-args = parser.parse_args(sys.argv[2:])
+args = build_parser().parse_args(sys.argv[2:])
 sys.exit(args.func(args))
 """
 
@@ -366,4 +367,4 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
     assert (run_dir / "t_norm.json").read_text() == t_norm_before
     assert json.loads(t_norm_before)["t_norm"] == json.loads((ref_dir / "t_norm.json").read_text())["t_norm"]
     assert (run_dir / "pairs.jsonl").read_text() == (ref_dir / "pairs.jsonl").read_text()
-    assert read_pairs(run_dir / "pairs.jsonl")
+    assert read_jsonl(run_dir / "pairs.jsonl", PreferencePair)

@@ -11,7 +11,7 @@ import uuid
 import pytest
 import torch
 
-from dits.search.pairs import PairCandidate
+from dits.records import PreferencePair
 
 V_SUM = [
     {"role": "system", "content": "You are Alice. Give the answer as <A>answer</A>."},
@@ -27,8 +27,8 @@ V_LONG = [
 ]
 
 
-def _pair(i: int, view, chosen: str, rejected: str) -> PairCandidate:
-    return PairCandidate(
+def _pair(i: int, view, chosen: str, rejected: str) -> PreferencePair:
+    return PreferencePair(
         tree_task_id=f"task{i}",
         node_id=f"n{i}",
         prefix=[],
@@ -84,19 +84,12 @@ def _cfg(dpo: dict | None = None, **phase):
 
 
 def _drop_adapter(engine, name: str) -> None:
-    if name in getattr(engine.model, "peft_config", {}):
-        if engine.active_adapter == name:
-            engine.set_adapter(None)
-        others = [n for n in engine.model.peft_config if n != name]
-        if others:  # PEFT warns when its active adapter is deleted
-            engine.model.set_adapter(others[0])
-        engine.model.delete_adapter(name)
-        if not others:  # a PeftModel without adapters cannot run: back to the plain base
-            engine.model = engine.model.unload()
+    if name in engine.adapter_names():
+        engine.delete_adapter(name)
 
 
 def _adapters(engine) -> list[str]:
-    return sorted(getattr(engine.model, "peft_config", {}))
+    return sorted(engine.adapter_names())
 
 
 @pytest.fixture
@@ -104,13 +97,12 @@ def noisy_adapter(engine):
     """A loaded LoRA adapter that is not the identity ("reference = base" and "= start" then differ)."""
     from peft import LoraConfig
 
-    from dits.train.common import adapter_parameters
 
     name = _name("noisy")
     engine.add_adapter(name, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n, p in adapter_parameters(engine, name).items():
+        for n, p in engine.adapter_parameters(name).items():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     engine.model.eval()
@@ -166,8 +158,8 @@ def test_config_defaults_and_validation():
 
 
 def test_length_check_drops_or_names_the_long_pair(engine):
-    from dits.train.common import TruncationError
     from dits.train.dpo import check_dpo_lengths, train_dpo
+    from dits.train.rows import TruncationError
 
     pairs = [*PAIRS, LONG_PAIR]
     full = check_dpo_lengths(engine.tokenizer, pairs, _cfg())
@@ -203,7 +195,7 @@ def test_length_check_drops_or_names_the_long_pair(engine):
 
 @pytest.mark.slow
 def test_sft_masks_the_prompt_raises_completion_logprob_and_charges_tokens(engine, tmp_path):
-    from dits.train.common import chat_ids
+    from dits.train.rows import chat_ids
     from dits.train.sft import sft_trainer, train_sft
 
     cfg = _cfg()
@@ -293,8 +285,8 @@ def test_dpo_from_an_adapter_raises_the_margin_against_that_adapter(engine, nois
 
 
 def test_dpo_loss_equals_trl_loss(engine, noisy_adapter, tmp_path):
-    from dits.train.common import REF_ADAPTER, TRAIN_ADAPTER, adapter_parameters
     from dits.train.dpo import dpo_trainer
+    from dits.train.staging import REF_ADAPTER, TRAIN_ADAPTER
     from dits.train.step import dpo_loss, reference_logps
 
     cfg = _cfg()
@@ -304,7 +296,7 @@ def test_dpo_loss_equals_trl_loss(engine, noisy_adapter, tmp_path):
         assert engine.active_adapter == TRAIN_ADAPTER
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():  # move the policy away from the reference so the loss is not log 2
-            for n, p in adapter_parameters(engine, TRAIN_ADAPTER).items():
+            for n, p in engine.adapter_parameters(TRAIN_ADAPTER).items():
                 if "lora_B" in n:
                     p.add_(torch.randn(p.shape, generator=gen) * 0.1)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
@@ -325,10 +317,9 @@ def test_dpo_loss_equals_trl_loss(engine, noisy_adapter, tmp_path):
 
 
 def test_one_step_then_restore_is_exact_and_lr0_changes_nothing(engine, noisy_adapter):
-    from dits.train.common import adapter_parameters
     from dits.train.step import one_step
 
-    params = adapter_parameters(engine, noisy_adapter)
+    params = engine.adapter_parameters(noisy_adapter)
     saved = {n: p.detach().clone() for n, p in params.items()}
     others = {n: p.detach().clone() for n, p in engine.model.named_parameters() if n not in params}
     active = engine.active_adapter

@@ -1,24 +1,51 @@
-"""The ``dits`` command line."""
+"""The ``dits`` command line: argument parsing only; every command calls a stage or the pipeline.
+
+The single-stage commands (``synthesize``, ``influence``, ``select``) build a
+:class:`~dits.stages.context.StageContext` on their ``--out`` directory and call the same stage functions
+the pipeline calls, so a stage gives the same artifacts from the command line and inside ``dits run``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
+from typing import Any, get_args
 
 log = logging.getLogger("dits")
 
-Command = Callable[[argparse.Namespace], int]
 
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, *, path: bool = True) -> None:
+    """``--config`` (a run config YAML; its defaults if omitted) and repeatable ``--set KEY=VALUE``."""
+    if path:
+        p.add_argument("--config", help="run config YAML (the built-in defaults if omitted)")
     p.add_argument(
-        "--model", default="smollm2-135m", help="hub id, local HF dir, .gguf file, or smollm2-135m"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted config override, value parsed as YAML (repeatable), e.g. --set search.explore=2",
     )
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from dits.config import load_config, parse_overrides
+
+    return load_config(getattr(args, "config", None), parse_overrides(args.set))
+
+
+def _existing(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"dits: no {what} file {p}")
+    return p
+
+
+# -- commands ----------------------------------------------------------------------------------------
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
@@ -48,27 +75,242 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dits.config import TaskConfig
+    from dits.engine import make_engine
+    from dits.evaluate import format_table
+    from dits.mas.protocol import ProtocolConfig
+    from dits.stages.evaluate import evaluate_to_dir
+    from dits.tasks.source import examples_for
+
+    task = TaskConfig(dataset=args.dataset, path=args.path, seed=args.seed)
+    examples = examples_for(task, args.split, args.limit)
+    overrides = {
+        k: v for k, v in (("max_turns", args.max_turns), ("max_new_tokens", args.max_new_tokens)) if v
+    }
+    cfg = ProtocolConfig(**overrides)
+    engine = make_engine(args.backend, args.model)
+    if args.adapter:
+        engine.load_adapter("eval", args.adapter)
+        engine.set_adapter("eval")
+    summaries = []
+    for method in args.method or ["mas"]:
+        out = Path(args.out) / f"{args.dataset}-{args.split}-{method}"
+        summaries.append(evaluate_to_dir(engine, examples, method, cfg, out, k=args.k, seed=args.seed))
+    print(format_table(summaries))
+    print(f"transcripts and summaries under {args.out}/")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    """Handler of ``dits synthesize``: the search stage on a task split."""
+    from dits.artifacts import SEARCH_SUMMARY_FILE
+    from dits.stages.context import ModelRef, StageContext
+    from dits.stages.search import SearchSummary, search_stage
+    from dits.tasks.source import examples_for
+
+    cfg = _load(args)
+    examples = examples_for(cfg.task, args.split, args.limit)
+    if not examples:
+        raise SystemExit(f"no {cfg.task.dataset} {args.split} tasks to search (check task.{args.split})")
+    out = Path(args.out) if args.out else Path("runs") / cfg.name / "synthesize"
+    flags = {"tau": args.tau, "min_gap": args.min_gap, "keep_top_fraction": args.keep_fraction}
+    pair_cfg = cfg.pairs.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    ctx = StageContext.single(cfg, out, progress=not args.no_progress)
+    product = search_stage(ctx, 0, None, ModelRef.base(cfg), examples, pairs=pair_cfg,
+                           shard_size=args.shard_size)  # fmt: skip
+    summary = SearchSummary.model_validate_json(product.file(SEARCH_SUMMARY_FILE).read_text())
+    print(summary.line())
+    return 0
+
+
+def cmd_influence(args: argparse.Namespace) -> int:
+    """Handler of ``dits influence``: the influence stage on a pool."""
+    from dits.artifacts import SCORES_FILE, StageIncomplete, read_jsonl
+    from dits.records import InfluenceScore
+    from dits.stages.context import ModelRef, StageContext
+    from dits.stages.influence import influence_stage
+
+    cfg = _load(args)
+    pairs = _existing(args.pairs, "pairs")
+    model = ModelRef.adapter_dir(args.adapter) if args.adapter else ModelRef.base(cfg)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name / "influence"
+    ctx = StageContext.single(cfg, out, progress=not args.no_progress)
+    pool = hashlib.sha256(pairs.read_bytes()).hexdigest()[:16]
+    try:
+        influence_stage(ctx, 0, None, model, pairs, pool, limit=args.limit)
+    except StageIncomplete as cut:
+        print(f"influence ({cfg.influence.estimator}): {cut}")
+        return 0
+    scores = read_jsonl(out / SCORES_FILE, InfluenceScore, repair=False)
+    print(
+        f"influence ({cfg.influence.estimator}): all {len(scores)} chunks scored; scores: {out / SCORES_FILE}"
+    )
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    """Handler of ``dits select``."""
+    from dits.select import SelectConfig
+    from dits.stages.select import select_to_dir
+
+    scores = _existing(args.scores, "scores") if args.scores is not None else None
+    try:
+        cfg = SelectConfig(strategy=args.strategy, ratio=args.ratio, weight=args.weight, seed=args.seed)
+        summary = select_to_dir(_existing(args.pairs, "pairs"), scores, cfg, args.out)
+    except ValueError as err:
+        raise SystemExit(f"dits select: {err}") from None
+    print(summary.line())
+    return 0
+
+
+def _finish(cfg: Any, args: argparse.Namespace) -> int:
+    from dits.artifacts import StageChanged
+    from dits.pipeline import Pipeline
+    from dits.report import write_report
+
+    try:
+        result = Pipeline(cfg, args.runs_dir, force=args.force, progress=not args.no_progress).run()
+    except StageChanged as err:
+        raise SystemExit(str(err)) from None
+    report = write_report(Path(result.run_dir))
+    print(report.read_text(encoding="utf-8"))
+    print(f"run artifacts: {Path(result.run_dir).resolve()}\nreport: {report.resolve()}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _finish(_load(args), args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dits.config import parse_overrides
+    from dits.pipeline import demo_config
+
+    cfg = demo_config(parse_overrides(args.set))
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+    return _finish(cfg, args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dits.report import write_report
+
+    path = write_report(Path(args.run))
+    print(path.read_text(encoding="utf-8"))
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+# -- the parser --------------------------------------------------------------------------------------
+
+
+def _sub(sub: Any, name: str, help: str, doc_of: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command; ``doc_of`` names the stage module whose docstring is the command's description."""
+    description = None
+    if doc_of is not None:
+        import importlib
+
+        description = importlib.import_module(doc_of).__doc__
+    return sub.add_parser(
+        name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", default="runs", help="runs are written to RUNS_DIR/<name>/")
+    p.add_argument("--force", action="store_true", help="redo finished stages whose config changed")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from dits.evaluate import METHODS
+    from dits.select import SelectConfig, Strategy
+
     parser = argparse.ArgumentParser(prog="dits", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("smoke", help="load a model and generate a few answers")
-    _engine_args(p)
+    p = _sub(sub, "smoke", "load a model and generate a few answers")
+    p.add_argument("--model", default="smollm2-135m", help="hub id, local HF dir, .gguf, or smollm2-135m")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_smoke)
 
-    from dits import evaluate, influence_cmd, select_cmd, synthesize
+    p = _sub(sub, "evaluate", "evaluate a model on a task split with one or more methods", "dits.evaluate")
+    p.add_argument("--model", default="smollm2-135m", help="hub id, local HF dir, .gguf, or smollm2-135m")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    p.add_argument(
+        "--dataset", default="facts", help="facts, arith, hotpotqa, 2wiki, triviaqa, cbt, gsm8k, ..."
+    )
+    p.add_argument("--path", default=None, help="local file or directory in the dataset's original format")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=32, help="number of tasks")
+    p.add_argument("--method", action="append", choices=list(METHODS), help="repeatable; default: mas")
+    p.add_argument("--k", type=int, default=5, help="samples for sc")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-turns", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--out", default="runs/evaluate", help="output directory (one subdirectory per method)")
+    p.set_defaults(func=cmd_evaluate)
 
-    evaluate.add_parser(sub)
-    synthesize.add_parser(sub)
-    influence_cmd.add_parser(sub)
-    select_cmd.add_parser(sub)
+    p = _sub(sub, "synthesize", "grow one conversation tree per task and mine preference pairs (resumable)",
+             "dits.stages.search")  # fmt: skip
+    _config_args(p)
+    p.add_argument("--out", help="output directory (default runs/<name>/synthesize)")
+    p.add_argument("--split", default="train", help="task split to search (default train)")
+    p.add_argument("--limit", type=int, help="number of tasks (default: the config's count for the split)")
+    p.add_argument("--shard-size", type=int, default=8, help="trees grown in lockstep (default 8)")
+    p.add_argument(
+        "--tau", type=float, help="pair threshold on Q(chosen) (pairs.tau: 0.4; 0.45 math/arc/mmlu/arith)"
+    )
+    p.add_argument("--min-gap", type=float, help="pair threshold on Q(chosen) - Q(rejected) (pairs.min_gap)")
+    p.add_argument(
+        "--keep-fraction", type=float, help="per tree, keep this top fraction (pairs.keep_top_fraction)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synthesize)
 
-    from dits import pipeline, report
+    p = _sub(sub, "influence", "score preference pairs by their estimated influence on the validation metric "
+             "(resumable)", "dits.stages.influence")  # fmt: skip
+    _config_args(p)
+    p.add_argument("--pairs", required=True, help="pairs.jsonl (from dits synthesize)")
+    p.add_argument(
+        "--adapter", help="θ: a saved LoRA adapter directory (default: the base model, via a fresh LoRA)"
+    )
+    p.add_argument("--out", help="output directory (default runs/<name>/influence)")
+    p.add_argument("--limit", type=int, help="score at most this many chunks now (rerun to continue)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_influence)
 
-    pipeline.add_parser(sub)
-    report.add_parser(sub)
+    defaults = SelectConfig()
+    p = _sub(sub, "select", "keep a share of the pairs by Q, influence or both", "dits.stages.select")
+    p.add_argument("--pairs", required=True, help="pairs.jsonl (from dits synthesize)")
+    p.add_argument("--scores", help="scores.jsonl (from dits influence); needed by influence and mix")
+    p.add_argument("--strategy", choices=get_args(Strategy), default=defaults.strategy)
+    p.add_argument("--ratio", type=float, default=defaults.ratio, help="fraction of the pairs kept")
+    p.add_argument("--weight", type=float, default=defaults.weight, help="w in norm(Q) + w·norm(I) (mix)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random strategy")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_select)
+
+    p = _sub(sub, "run", "run (or resume) the whole loop of a config, then write the report")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    _config_args(p, path=False)
+    _pipeline_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = _sub(sub, "demo", "Optima vs DITS on the embedded model and a built-in task (~8 min on 2 CPU cores)")
+    _config_args(p, path=False)
+    _pipeline_args(p)
+    p.add_argument("--print-config", action="store_true", help="print the demo's config and exit")
+    p.set_defaults(func=cmd_demo)
+
+    p = _sub(sub, "report", "markdown report and plots of a run directory", "dits.report")
+    p.add_argument("run", help="the run directory, e.g. runs/demo")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -7,14 +7,13 @@ bad value ("backend: tpu") fails at load time with the dotted key and the allowe
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dits.engine.config import EngineConfig
 from dits.influence.base import InfluenceConfig
 from dits.mas.protocol import ProtocolConfig
 from dits.reward import RewardConfig
@@ -22,7 +21,7 @@ from dits.search.guided import GuideConfig
 from dits.search.mcts import SearchConfig
 from dits.search.pairs import PairConfig
 from dits.select import SelectConfig, Strategy
-from dits.sft_data import SftDataConfig
+from dits.tasks.example import Example
 from dits.train.config import TrainConfig
 
 
@@ -32,16 +31,6 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EngineConfig(_Section):
-    backend: Literal["hf", "vllm"] = "hf"
-    model: str = "smollm2-135m"
-    device: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    token_budget: int = Field(32768, ge=256)
-    max_batch: int = Field(64, ge=1)
-    trust_remote_code: bool = False
 
 
 class TaskConfig(_Section):
@@ -54,6 +43,24 @@ class TaskConfig(_Section):
     dev: int = Field(16, ge=0, description="validation tasks (influence); disjoint from train and test")
     test: int = Field(32, ge=0)
     knobs: dict[str, Any] = Field(default_factory=dict, description="difficulty knobs of built-in tasks")
+
+
+class SftDataConfig(_Section):
+    """iSFT data knobs (best-of-n conversations per task); defaults are the published ones."""
+
+    n_samples: int = Field(10, ge=1, description="conversations sampled per task")
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    threshold: float | None = Field(None, description="min reward of a task's best; None: 0.5 / 0.6 by mode")
+    keep_fraction: float = Field(
+        0.7, gt=0, le=1, description="of the qualifying best ones, keep this top share"
+    )
+
+    def threshold_for(self, example: Example) -> float:
+        """0.5 for information exchange, 0.6 for debate (Optima's iSFT), unless ``threshold`` is set."""
+        if self.threshold is not None:
+            return self.threshold
+        return 0.5 if example.mode == "exchange" else 0.6
 
 
 class SamplingConfig(_Section):
@@ -93,12 +100,13 @@ class RunConfig(_Section):
     select: SelectConfig = SelectConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
-    def digest(self, *sections: str) -> str:
-        """A short hash of the named sections (all if none): what decides whether an artifact is stale."""
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def sections(self, *names: str) -> dict[str, Any]:
+        """The named sections as JSON data: what a stage's inputs record of the config."""
         data = self.model_dump(mode="json")
-        if sections:
-            data = {k: data[k] for k in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return {n: data[n] for n in names}
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -161,4 +169,4 @@ def load_config(
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(cfg.to_yaml())

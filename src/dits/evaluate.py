@@ -1,33 +1,25 @@
-"""Test-set evaluation of a model (or adapter) with one method; transcripts and a summary on disk.
+"""Test-set evaluation: the methods, the per-task record, and the summary with a bootstrap interval.
 
 Methods: ``mas`` (the two-agent protocol, greedy), ``cot`` (one agent, greedy), ``sc`` (self-consistency
-over k samples), ``debate`` (untrained multi-agent debate). Transcripts are appended in chunks, so a
-killed evaluation resumes where it stopped; the summary is recomputed from the transcript file alone.
+over k samples), ``debate`` (untrained multi-agent debate). :mod:`dits.stages.evaluate` runs them into a
+directory (resumable).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel
 from scipy import stats
-from tqdm import tqdm
 
 from dits.baselines import run_cot, run_debate
 from dits.engine.base import Engine
-from dits.jsonl import append_jsonl, read_jsonl, write_json_atomic
 from dits.mas.dialogue import Transcript, run_dialogues
 from dits.mas.protocol import ProtocolConfig
 from dits.tasks.example import Example
-
-log = logging.getLogger(__name__)
 
 Method = Literal["mas", "cot", "sc", "debate"]
 METHODS: tuple[str, ...] = ("mas", "cot", "sc", "debate")
@@ -111,54 +103,6 @@ def run_method(
     raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
 
 
-def evaluate(
-    engine: Engine,
-    examples: Sequence[Example],
-    method: str,
-    cfg: ProtocolConfig,
-    out_dir: str | Path,
-    *,
-    k: int = 5,
-    seed: int = 0,
-    chunk: int = 16,
-    progress: bool = True,
-) -> EvalSummary:
-    """Evaluate, appending ``transcripts.jsonl`` chunk by chunk (resumable), then write ``summary.json``."""
-    out = Path(out_dir)
-    path = out / "transcripts.jsonl"
-    done = {r.transcript.example_id for r in read_jsonl(path, EvalRecord)}
-    todo = [ex for ex in examples if ex.id not in done]
-    t0 = time.perf_counter()
-    bar = tqdm(
-        total=len(examples),
-        initial=len(examples) - len(todo),
-        desc=f"evaluate {method}",
-        disable=not progress,
-    )
-    for i in range(0, len(todo), chunk):
-        part = todo[i : i + chunk]
-        trs = run_method(engine, part, method, cfg, k=k, seed=seed)
-        append_jsonl(
-            path,
-            [
-                EvalRecord(method=method, dataset=ex.dataset, split=ex.split, transcript=tr)
-                for ex, tr in zip(part, trs, strict=True)
-            ],
-        )
-        bar.update(len(part))
-    bar.close()
-    wanted = {ex.id for ex in examples}
-    records = [r for r in read_jsonl(path, EvalRecord) if r.transcript.example_id in wanted]
-    summary = summarize(records)
-    write_json_atomic(out / "summary.json", summary.model_dump())
-    log.info(
-        "%s on %s/%s: metric %.3f [%.3f, %.3f], %.1f comm tokens, %d tasks in %.0fs -> %s",
-        method, summary.dataset, summary.split, summary.metric.mean, summary.metric.low, summary.metric.high,
-        summary.comm_tokens, summary.n, time.perf_counter() - t0, out,
-    )  # fmt: skip
-    return summary
-
-
 def format_table(summaries: Sequence[EvalSummary]) -> str:
     """A markdown table, one row per method."""
     rows = [
@@ -172,47 +116,3 @@ def format_table(summaries: Sequence[EvalSummary]) -> str:
             f"[{s.metric.low:.3f}, {s.metric.high:.3f}] | {s.comm_tokens:.1f} | {reasons} |"
         )
     return "\n".join(rows)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a model on a task split with one or more methods")
-    p.add_argument("--model", default="smollm2-135m", help="hub id, local HF dir, .gguf, or smollm2-135m")
-    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply")
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
-    p.add_argument(
-        "--dataset", default="facts", help="facts, arith, hotpotqa, 2wiki, triviaqa, cbt, gsm8k, ..."
-    )
-    p.add_argument("--path", default=None, help="local file or directory in the dataset's original format")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=32, help="number of tasks")
-    p.add_argument("--method", action="append", choices=list(METHODS), help="repeatable; default: mas")
-    p.add_argument("--k", type=int, default=5, help="samples for sc")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-turns", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--out", default="runs/evaluate", help="output directory (one subdirectory per method)")
-    p.set_defaults(func=cmd_evaluate)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dits.config import TaskConfig
-    from dits.engine import make_engine
-    from dits.tasks.source import examples_for
-
-    task = TaskConfig(dataset=args.dataset, path=args.path, seed=args.seed)
-    examples = examples_for(task, args.split, args.limit)
-    overrides = {
-        k: v for k, v in (("max_turns", args.max_turns), ("max_new_tokens", args.max_new_tokens)) if v
-    }
-    cfg = ProtocolConfig(**overrides)
-    engine = make_engine(args.backend, args.model)
-    if args.adapter:
-        engine.load_adapter("eval", args.adapter)
-        engine.set_adapter("eval")
-    summaries = []
-    for method in args.method or ["mas"]:
-        out = Path(args.out) / f"{args.dataset}-{args.split}-{method}"
-        summaries.append(evaluate(engine, examples, method, cfg, out, k=args.k, seed=args.seed))
-    print(format_table(summaries))
-    print(f"transcripts and summaries under {args.out}/")
-    return 0

@@ -9,15 +9,22 @@ influence vs. Q(best) of the candidate pairs.
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from dits.pipeline.loop import NEEDS_INFLUENCE
-from dits.pipeline.stage import StageManifest, read_manifest
+from dits.artifacts import (
+    PAIRS_FILE,
+    SCORES_FILE,
+    StageManifest,
+    read_jsonl,
+    read_manifest,
+    write_text_atomic,
+)
+from dits.records import InfluenceScore, PreferencePair, pair_key
+from dits.select import needs_scores
 
 REPORT_FILE = "report.md"
 _ITER = re.compile(r"^iter_(\d+)$")
@@ -78,7 +85,7 @@ def _charged(m: StageManifest, method: str | None) -> bool:
     for the methods that read its scores."""
     if m.stage == "evaluate":
         return False
-    return not (m.stage == "influence" and m.method is None and method not in NEEDS_INFLUENCE)
+    return not (m.stage == "influence" and m.method is None and not needs_scores(method or ""))
 
 
 def _row(method: str, it: int | None, m: StageManifest, kept: int | None, flops: float) -> Row:
@@ -104,11 +111,6 @@ def markdown_table(rows: list[Row]) -> str:
 
 def influence_points(run_dir: Path) -> list[tuple[float, float]]:
     """(Q(best), influence) of every scored candidate pair in the run."""
-    from dits.influence.base import InfluenceScore, pair_key
-    from dits.influence_cmd import SCORES_FILE
-    from dits.jsonl import read_jsonl
-    from dits.synthesize import PAIRS_FILE, read_pairs
-
     points: list[tuple[float, float]] = []
     for folder in sorted(run_dir.glob("iter_*")):
         for infl in sorted(folder.glob("influence*")):
@@ -118,7 +120,10 @@ def influence_points(run_dir: Path) -> list[tuple[float, float]]:
             search_dir = folder / infl.name.replace("influence", "search", 1)
             if not (search_dir / PAIRS_FILE).exists():
                 continue
-            q = {pair_key(p): p.q_chosen for p in read_pairs(search_dir / PAIRS_FILE)}
+            q = {
+                pair_key(p): p.q_chosen
+                for p in read_jsonl(search_dir / PAIRS_FILE, PreferencePair, repair=False)
+            }
             for s in read_jsonl(infl / SCORES_FILE, InfluenceScore):
                 points.extend((q[k], s.score) for k in s.pair_ids if k in q)
     return points
@@ -170,8 +175,6 @@ def _plots(run_dir: Path, rows: list[Row]) -> list[tuple[str, str]]:
 
 def write_report(run_dir: Path) -> Path:
     """Write ``run_dir/report.md`` (and its PNGs) from the run's artifacts; return its path."""
-    from dits.jsonl import write_text_atomic
-
     rows = collect_rows(run_dir)
     if not rows:
         raise FileNotFoundError(f"{run_dir} has no finished evaluation stage to report")
@@ -194,16 +197,3 @@ def write_report(run_dir: Path) -> Path:
     path = run_dir / REPORT_FILE
     write_text_atomic(path, "\n".join(parts) + "\n")
     return path
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    path = write_report(Path(args.run))
-    print(path.read_text(encoding="utf-8"))
-    print(f"report: {path.resolve()}")
-    return 0
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("report", help="markdown report and plots of a run directory")
-    p.add_argument("run", help="the run directory, e.g. runs/demo")
-    p.set_defaults(func=cmd_report)

@@ -16,12 +16,28 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dits.influence.base import InfluenceScore, pair_key
-from dits.search.pairs import PairCandidate, keep_count
+from dits.records import InfluenceScore, PreferencePair, pair_key
+from dits.search.pairs import keep_count
 
-__all__ = ["SelectConfig", "minmax", "pair_influence", "select_pairs", "selection_values"]
+__all__ = [
+    "SelectConfig",
+    "Strategy",
+    "minmax",
+    "needs_scores",
+    "pair_influence",
+    "select_pairs",
+    "selection_values",
+]
 
 Strategy = Literal["all", "random", "q", "influence", "mix"]
+"""A new strategy is added here, to :func:`selection_values` and, if it reads influence, to
+:data:`SCORED`."""
+SCORED: frozenset[str] = frozenset({"influence", "mix"})
+"""The strategies that read influence scores (so an influence stage must run before them)."""
+
+
+def needs_scores(strategy: str) -> bool:
+    return strategy in SCORED
 
 
 class SelectConfig(BaseModel):
@@ -47,7 +63,7 @@ def minmax(values: Sequence[float]) -> list[float]:
 
 
 def pair_influence(
-    pairs: Sequence[PairCandidate], scores: Sequence[InfluenceScore] | Sequence[float]
+    pairs: Sequence[PreferencePair], scores: Sequence[InfluenceScore] | Sequence[float]
 ) -> list[float]:
     """Influence per pair: chunk scores spread to each pair of their chunk (matched by :func:`pair_key`),
     or plain floats already aligned with ``pairs``."""
@@ -69,7 +85,7 @@ def pair_influence(
 
 
 def selection_values(
-    pairs: Sequence[PairCandidate],
+    pairs: Sequence[PreferencePair],
     scores: Sequence[InfluenceScore] | Sequence[float] | None,
     cfg: SelectConfig,
 ) -> list[float]:
@@ -88,10 +104,10 @@ def selection_values(
 
 
 def select_pairs(
-    pairs: Sequence[PairCandidate],
+    pairs: Sequence[PreferencePair],
     scores: Sequence[InfluenceScore] | Sequence[float] | None,
     cfg: SelectConfig | None = None,
-) -> list[PairCandidate]:
+) -> list[PreferencePair]:
     """The pairs to train on, in their given order."""
     cfg = cfg or SelectConfig()
     pairs = list(pairs)

@@ -14,8 +14,9 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -45,7 +46,8 @@ class _Row:
 
 
 class HFEngine(Engine):
-    """One base model, optional PEFT LoRA adapters, batched generate/score, charging ``ledger``.
+    """One base model, optional PEFT LoRA adapters, batched generate/score, charging ``ledger``; a
+    :class:`~dits.engine.policy.TrainablePolicy` (training and the influence probes run on this model).
 
     ``token_budget`` bounds a micro-batch by rows × (longest prompt + new tokens), which bounds the KV cache;
     ``max_batch`` bounds rows. Rows are sorted by prompt length first (length bucketing) so padding is small.
@@ -121,20 +123,20 @@ class HFEngine(Engine):
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; removing the last one unwraps PEFT so the bare base runs again
         (a PeftModel left with no adapter fails on every forward)."""
-        from peft import PeftModel
-
-        if not isinstance(self.model, PeftModel) or name not in self.model.peft_config:
+        if name not in self.adapter_names():
             raise KeyError(f"unknown adapter {name!r}")
         if self._active == name:
             self._active = None
-        if len(self.model.peft_config) == 1:
-            self.model.unload()  # strips the LoRA layers out of self.base in place
-            self.model = self.base
-        else:
-            self.model.delete_adapter(name)
+        if len(self.adapter_names()) == 1:
+            self.model = self.model.unload()  # strips the LoRA layers out of self.base in place
+            return
+        keep = next(n for n in self.adapter_names() if n != name)
+        if self.model.active_adapter == name:  # PEFT warns when its active adapter is deleted
+            self.model.set_adapter(keep)
+        self.model.delete_adapter(name)
 
-    def add_adapter(self, name: str, config) -> None:  # config: peft.LoraConfig
-        """Create a fresh (trainable) adapter in memory, e.g. for training or an influence probe."""
+    def add_adapter(self, name: str, config: Any) -> None:
+        """Create a fresh (trainable) adapter from a ``peft.LoraConfig``, e.g. for training or a probe."""
         from peft import PeftModel, get_peft_model
 
         if isinstance(self.model, PeftModel):
@@ -143,12 +145,9 @@ class HFEngine(Engine):
             self.model = get_peft_model(self.base, config, adapter_name=name)
 
     def set_adapter(self, name: str | None) -> None:
-        from peft import PeftModel
-
         if name is not None:
-            if not isinstance(self.model, PeftModel) or name not in self.model.peft_config:
-                known = list(self.model.peft_config) if isinstance(self.model, PeftModel) else []
-                raise KeyError(f"unknown adapter {name!r}; loaded adapters: {known}")
+            if name not in self.adapter_names():
+                raise KeyError(f"unknown adapter {name!r}; loaded adapters: {self.adapter_names()}")
             self.model.set_adapter(name)
         self._active = name
 
@@ -156,12 +155,53 @@ class HFEngine(Engine):
     def active_adapter(self) -> str | None:
         return self._active
 
-    def _adapter_context(self) -> AbstractContextManager[object]:
+    def adapter_names(self) -> list[str]:
         from peft import PeftModel
 
-        if isinstance(self.model, PeftModel) and self._active is None:
+        return list(self.model.peft_config) if isinstance(self.model, PeftModel) else []
+
+    def adapter_config(self, name: str) -> Any:
+        if name not in self.adapter_names():
+            raise KeyError(f"unknown adapter {name!r}; loaded adapters: {self.adapter_names()}")
+        return self.model.peft_config[name]
+
+    def adapter_parameters(self, name: str) -> dict[str, torch.nn.Parameter]:
+        """The trainable tensors of one adapter (LoRA A/B, and any modules-to-save copies), by parameter
+        name. Found through PEFT's own per-layer registries rather than by matching names, so an adapter
+        called e.g. ``"model"`` cannot capture the base weights."""
+        if name not in self.adapter_names():
+            raise KeyError(f"unknown adapter {name!r}; loaded adapters: {self.adapter_names()}")
+        wanted: set[int] = set()
+        for module in self.model.modules():
+            for layer_name in getattr(module, "adapter_layer_names", ()):
+                holder: Any = module
+                for part in layer_name.split("."):
+                    holder = getattr(holder, part, None)
+                if isinstance(holder, torch.nn.ModuleDict) and name in holder:
+                    wanted.update(id(p) for p in holder[name].parameters())
+                elif isinstance(holder, torch.nn.ParameterDict) and name in holder:
+                    wanted.add(id(holder[name]))
+        params = {n: p for n, p in self.model.named_parameters() if id(p) in wanted}
+        if not params:
+            raise ValueError(f"adapter {name!r} has no trainable tensors")
+        return params
+
+    def adapter_scope(self) -> AbstractContextManager[object]:
+        if self.adapter_names() and self._active is None:
             return self.model.disable_adapter()
         return nullcontext()
+
+    @contextmanager
+    def booked_as_training(self) -> Iterator[None]:
+        real, scratch = self.ledger, Ledger(params=self.ledger.params)
+        self.ledger = scratch
+        try:
+            yield
+        finally:
+            self.ledger = real
+            c = scratch.counts
+            assert c is not None
+            real.charge(trained_tokens=c.prompt_tokens + c.scored_tokens)
 
     # ------------------------------------------------------------------ generate
 
@@ -182,7 +222,7 @@ class HFEngine(Engine):
         # Rows with the same leading tokens (same system prompt) go together so they share a prefix KV;
         # within a group, ascending length keeps padding small.
         order = sorted(rows, key=lambda r: (r.prompt_ids[:_GROUP_KEY_TOKENS], len(r.prompt_ids)))
-        with torch.inference_mode(), self._adapter_context():
+        with torch.inference_mode(), self.adapter_scope():
             for batch in self._micro_batches(order, sampling.max_new_tokens, self.token_budget):
                 self._decode(batch, sampling)
         out: list[list[Completion]] = [[] for _ in views]
@@ -330,7 +370,7 @@ class HFEngine(Engine):
         """Per-token log-probs of each completion's tokens (tokenised on its own, no end-of-turn token)."""
         if len(views) != len(completions):
             raise ValueError(f"got {len(completions)} completions for {len(views)} views")
-        with torch.inference_mode(), self._adapter_context():
+        with torch.inference_mode(), self.adapter_scope():
             return self.score_tensors(views, completions, prefix)
 
     def tokenize_pairs(

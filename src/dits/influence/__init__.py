@@ -1,20 +1,17 @@
-"""Influence of a candidate training chunk on the validation metric (DESIGN.md section 7)."""
+"""Influence of a candidate training chunk on the validation metric (DESIGN.md section 7).
+
+A new estimator subclasses :class:`~dits.influence.base.InfluenceEstimator` (``_prepare`` once per θ,
+``_score_chunk`` per candidate) in its own module here, is registered in ``_ESTIMATORS`` below and named in
+``InfluenceConfig.estimator``; it works on a :class:`~dits.engine.policy.TrainablePolicy`.
+"""
 
 from __future__ import annotations
 
-from dits.influence.base import (
-    Cost,
-    InfluenceConfig,
-    InfluenceEstimator,
-    InfluenceScore,
-    MetricFn,
-    chunk_pairs,
-    default_metric,
-    pair_key,
-)
+from dits.influence.base import InfluenceConfig, InfluenceEstimator, MetricFn, chunk_pairs, default_metric
 from dits.influence.gradient import GradientEstimator
 from dits.influence.likelihood import LikelihoodEstimator
 from dits.influence.rollout import RolloutEstimator
+from dits.records import Cost, InfluenceScore, pair_key
 
 __all__ = [
     "Cost",

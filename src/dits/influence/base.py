@@ -18,21 +18,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dits.engine.policy import TrainablePolicy
 from dits.mas.dialogue import Transcript
 from dits.mas.protocol import ProtocolConfig
-from dits.search.pairs import PairCandidate
+from dits.records import Cost, InfluenceScore, PreferencePair, pair_key
 from dits.tasks.example import Example
 
-__all__ = [
-    "Cost",
-    "InfluenceConfig",
-    "InfluenceEstimator",
-    "InfluenceScore",
-    "MetricFn",
-    "chunk_pairs",
-    "default_metric",
-    "pair_key",
-]
+__all__ = ["InfluenceConfig", "InfluenceEstimator", "MetricFn", "chunk_pairs", "default_metric"]
 
 MetricFn = Callable[[Example, Transcript], float]
 """The task metric of one finished conversation (default: the transcript's own ``metric``)."""
@@ -68,37 +60,7 @@ class InfluenceConfig(BaseModel):
     seed: int = 0
 
 
-class Cost(BaseModel):
-    """What a piece of estimation cost: ledger FLOPs (delta) and wall seconds."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    flops: float = 0.0
-    seconds: float = 0.0
-
-
-class InfluenceScore(BaseModel):
-    """The estimated influence of one candidate (a chunk of pairs)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    candidate: int
-    """Index of the chunk in the list given to :meth:`InfluenceEstimator.score`."""
-    pair_ids: list[str]
-    """:func:`pair_key` of every pair of the chunk: the score applies to each of them."""
-    score: float
-    estimator: str
-    cost: Cost
-    diagnostics: dict[str, float] = Field(default_factory=dict)
-    """Estimator-specific numbers, e.g. the importance weights' effective sample size."""
-
-
-def pair_key(pair: PairCandidate) -> str:
-    """A pair's identity across files: tree, parent node and the two children."""
-    return f"{pair.tree_task_id}:{pair.node_id}:{pair.chosen_id}:{pair.rejected_id}"
-
-
-def chunk_pairs(pairs: Sequence[PairCandidate], c: int, seed: int | None = 0) -> list[list[PairCandidate]]:
+def chunk_pairs(pairs: Sequence[PreferencePair], c: int, seed: int | None = 0) -> list[list[PreferencePair]]:
     """Candidates of ``c`` pairs each (the last may be shorter). With a seed the pairs are shuffled first
     (seeded, so the same call gives the same chunks), so a chunk does not hold one tree's pairs only;
     ``seed=None`` keeps the given order."""
@@ -111,7 +73,7 @@ def chunk_pairs(pairs: Sequence[PairCandidate], c: int, seed: int | None = 0) ->
 
 
 @contextmanager
-def metered(engine: Any) -> Iterator[Cost]:
+def metered(engine: TrainablePolicy) -> Iterator[Cost]:
     """Fill a :class:`Cost` with the ledger FLOPs and seconds spent inside the block."""
     cost = Cost()
     before = engine.ledger.snapshot()
@@ -124,7 +86,7 @@ def metered(engine: Any) -> Iterator[Cost]:
 
 
 @contextmanager
-def active_adapter(engine: Any, name: str) -> Iterator[None]:
+def active_adapter(engine: TrainablePolicy, name: str) -> Iterator[None]:
     """Run with adapter ``name`` active, then put back whatever was active before."""
     previous = engine.active_adapter
     engine.set_adapter(name)
@@ -143,6 +105,7 @@ class InfluenceEstimator(ABC):
         self.cfg = cfg
         self.metric_fn: MetricFn = metric_fn or default_metric
         self.engine: Any = None
+        """The :class:`~dits.engine.policy.TrainablePolicy` θ lives on (set by :meth:`prepare`)."""
         self.adapter: str = ""
         self.examples: list[Example] = []
         self.protocol = ProtocolConfig()
@@ -150,7 +113,7 @@ class InfluenceEstimator(ABC):
 
     def prepare(
         self,
-        engine: Any,
+        engine: TrainablePolicy,
         adapter_name: str,
         val_examples: Sequence[Example],
         protocol_cfg: ProtocolConfig | None = None,
@@ -165,7 +128,7 @@ class InfluenceEstimator(ABC):
             self._prepare()
         self.prepare_cost = cost
 
-    def score(self, chunks: Sequence[Sequence[PairCandidate]]) -> list[InfluenceScore]:
+    def score(self, chunks: Sequence[Sequence[PreferencePair]]) -> list[InfluenceScore]:
         """One score per chunk, in order; the adapter is exactly θ again after each."""
         if self.engine is None:
             raise RuntimeError("call prepare() before score()")
@@ -187,7 +150,7 @@ class InfluenceEstimator(ABC):
             )
         return out
 
-    def step(self, chunk: list[PairCandidate]) -> Any:
+    def step(self, chunk: list[PreferencePair]) -> Any:
         """θ_z: one DPO step on the chunk (a handle that restores θ on exit)."""
         from dits.train.step import one_step
 
@@ -198,11 +161,10 @@ class InfluenceEstimator(ABC):
             lr=self.cfg.lr,
             beta=self.cfg.beta,
             optimizer=self.cfg.optimizer,
-            protocol=self.protocol,
         )
 
     @abstractmethod
     def _prepare(self) -> None: ...
 
     @abstractmethod
-    def _score_chunk(self, chunk: list[PairCandidate]) -> tuple[float, dict[str, float]]: ...
+    def _score_chunk(self, chunk: list[PreferencePair]) -> tuple[float, dict[str, float]]: ...

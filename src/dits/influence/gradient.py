@@ -22,10 +22,8 @@ import torch
 
 from dits.influence.base import active_adapter
 from dits.influence.likelihood import LikelihoodEstimator
-from dits.ledger import Ledger
-from dits.search.pairs import PairCandidate
+from dits.records import PreferencePair
 from dits.seeding import derive_seed
-from dits.train.common import adapter_parameters
 
 __all__ = ["GradientEstimator"]
 
@@ -40,24 +38,18 @@ class GradientEstimator(LikelihoodEstimator):
         """Adapter active, gradients enabled for its tensors only (flags restored), and the forward charged
         as training tokens (a forward plus a backward) instead of scoring."""
         engine = self.engine
-        params = adapter_parameters(engine, self.adapter)
+        params = engine.adapter_parameters(self.adapter)
         wanted = {id(p) for p in params.values()}
         flags = [(p, p.requires_grad) for p in engine.model.parameters()]
-        real, scratch = engine.ledger, Ledger(params=engine.ledger.params)
         try:
-            with active_adapter(engine, self.adapter):
+            with active_adapter(engine, self.adapter), engine.booked_as_training():
                 for p in engine.model.parameters():
                     p.requires_grad_(id(p) in wanted)
-                engine.ledger = scratch
                 with torch.enable_grad():
                     yield params
         finally:
-            engine.ledger = real
             for p, flag in flags:
                 p.requires_grad_(flag)
-            c = scratch.counts
-            assert c is not None
-            real.charge(trained_tokens=c.prompt_tokens + c.scored_tokens)
 
     def _logp_tensor(self, indices: list[int]) -> list[torch.Tensor]:
         """Differentiable ``log π`` of cached conversations (adapter and grad mode are the caller's)."""
@@ -117,23 +109,23 @@ class GradientEstimator(LikelihoodEstimator):
             out += mat @ v.detach().cpu().double().flatten()
         return out / math.sqrt(d)
 
-    def dpo_gradient(self, chunk: list[PairCandidate]) -> dict[str, torch.Tensor]:
+    def dpo_gradient(self, chunk: list[PreferencePair]) -> dict[str, torch.Tensor]:
         """``∇L_DPO(z)`` on the adapter's tensors at θ (reference = θ, as in the step itself). The reference
         forward runs first, outside the gradient context, so the ledger books it as scoring, as
         :func:`~dits.train.step.one_step` does; only the policy forward and backward are training."""
         from dits.train.step import dpo_loss, reference_logps
 
         with active_adapter(self.engine, self.adapter):
-            ref = reference_logps(self.engine, chunk, protocol=self.protocol)
+            ref = reference_logps(self.engine, chunk)
         with self._grad_on_adapter() as params:
-            loss = dpo_loss(self.engine, chunk, self.cfg.beta, ref, protocol=self.protocol)
+            loss = dpo_loss(self.engine, chunk, self.cfg.beta, ref)
             got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         return {
             n: (g if g is not None else torch.zeros_like(p)).detach().float()
             for (n, p), g in zip(params.items(), got, strict=True)
         }
 
-    def _score_chunk(self, chunk: list[PairCandidate]) -> tuple[float, dict[str, float]]:
+    def _score_chunk(self, chunk: list[PreferencePair]) -> tuple[float, dict[str, float]]:
         grad = self.dpo_gradient(chunk)
         lr = self.cfg.lr
         if self.cfg.step_geometry == "optimizer" and self.cfg.optimizer == "adamw":

@@ -1,4 +1,4 @@
-"""What an estimator is prepared on: θ (a named LoRA adapter on the engine) and the validation split.
+"""θ, the adapter an estimator is prepared on: a named LoRA on the engine.
 
 θ must be a LoRA because the one-step probe trains an adapter's tensors and copies them back. For the
 base model, :func:`probe_adapter` adds a fresh LoRA with B = 0 (the same function as the base), its A
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from dits.tasks.example import Example
-from dits.tasks.source import TaskSource, examples_for
+from dits.engine.policy import TrainablePolicy
 from dits.train.config import LoraSettings
 
 __all__ = [
@@ -24,30 +22,22 @@ __all__ = [
     "adapter_digest",
     "load_theta",
     "probe_adapter",
-    "validation_examples",
 ]
 
 PROBE_ADAPTER = "influence-probe"
 THETA_ADAPTER = "theta"
 
 
-def validation_examples(task_cfg: TaskSource) -> list[Example]:
-    """The ``dev`` split as configured (``task.dev`` tasks): disjoint from train and test by construction
-    for built-in tasks, and by the loaders' split files otherwise."""
-    examples = examples_for(task_cfg, "dev")
-    if not examples:
-        raise ValueError("influence needs validation tasks: set task.dev > 0")
-    return examples
-
-
-def _drop(engine: Any, name: str) -> None:
-    if name in getattr(engine.model, "peft_config", {}):
+def _drop(engine: TrainablePolicy, name: str) -> None:
+    if name in engine.adapter_names():
         if engine.active_adapter == name:
             engine.set_adapter(None)
         engine.delete_adapter(name)
 
 
-def probe_adapter(engine: Any, lora: LoraSettings, *, seed: int, name: str = PROBE_ADAPTER) -> str:
+def probe_adapter(
+    engine: TrainablePolicy, lora: LoraSettings, *, seed: int, name: str = PROBE_ADAPTER
+) -> str:
     """Add (or re-create) a fresh LoRA ``name`` whose initialisation depends only on ``seed``; it is not
     made active. Returns the name."""
     _drop(engine, name)
@@ -58,7 +48,7 @@ def probe_adapter(engine: Any, lora: LoraSettings, *, seed: int, name: str = PRO
     return name
 
 
-def load_theta(engine: Any, path: str | Path, name: str = THETA_ADAPTER) -> str:
+def load_theta(engine: TrainablePolicy, path: str | Path, name: str = THETA_ADAPTER) -> str:
     """Load a saved adapter directory as θ under ``name`` (replacing one of that name). Returns the name."""
     if not (Path(path) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{path} is not an adapter directory (no adapter_config.json)")
@@ -67,12 +57,10 @@ def load_theta(engine: Any, path: str | Path, name: str = THETA_ADAPTER) -> str:
     return name
 
 
-def adapter_digest(engine: Any, name: str) -> str:
+def adapter_digest(engine: TrainablePolicy, name: str) -> str:
     """A short hash of an adapter's tensors (names and exact bytes): θ's identity in a manifest."""
-    from dits.train.common import adapter_parameters
-
     h = hashlib.sha256()
-    for pname, p in sorted(adapter_parameters(engine, name).items()):
+    for pname, p in sorted(engine.adapter_parameters(name).items()):
         h.update(pname.encode())
         h.update(str(p.dtype).encode())
         h.update(p.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())

@@ -20,7 +20,7 @@ from dits.engine.base import View
 from dits.influence.base import InfluenceEstimator, active_adapter
 from dits.mas.dialogue import Transcript, run_dialogues
 from dits.mas.protocol import ProtocolConfig, render_view, turn_prefix
-from dits.search.pairs import PairCandidate
+from dits.records import PreferencePair
 from dits.seeding import derive_seed
 from dits.tasks.example import Example
 
@@ -110,7 +110,7 @@ class LikelihoodEstimator(InfluenceEstimator):
                 sums[i] += float(sum(sc.logprobs))
         return [sums[i] for i in idx]
 
-    def _score_chunk(self, chunk: list[PairCandidate]) -> tuple[float, dict[str, float]]:
+    def _score_chunk(self, chunk: list[PreferencePair]) -> tuple[float, dict[str, float]]:
         with self.step(chunk) as handle, active_adapter(self.engine, self.adapter):
             logp = torch.tensor(self.conversation_logps(), dtype=torch.float64)
         log_w = logp - self._base_logp

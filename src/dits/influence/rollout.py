@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dits.influence.base import InfluenceEstimator, active_adapter
 from dits.mas.dialogue import Transcript, run_dialogues
-from dits.search.pairs import PairCandidate
+from dits.records import PreferencePair
 
 __all__ = ["RolloutEstimator"]
 
@@ -25,7 +25,7 @@ class RolloutEstimator(InfluenceEstimator):
     def _prepare(self) -> None:
         self.baseline, self.baseline_transcripts = self._metric()
 
-    def _score_chunk(self, chunk: list[PairCandidate]) -> tuple[float, dict[str, float]]:
+    def _score_chunk(self, chunk: list[PreferencePair]) -> tuple[float, dict[str, float]]:
         with self.step(chunk) as handle, active_adapter(self.engine, self.adapter):
             value, _ = self._metric()
         return value - self.baseline, {"metric": value, "update_norm": handle.update_norm}

@@ -22,7 +22,15 @@ from dits.search.mcts import (
     selection_distribution,
     tree_rng,
 )
-from dits.search.pairs import PairCandidate, Renderer, best_and_worst, keep_count, mine_pairs
+from dits.search.pairs import (
+    PairConfig,
+    best_and_worst,
+    count_tree_pairs,
+    keep_count,
+    mine_pairs,
+    mine_tree_pairs,
+    render_pair,
+)
 from dits.search.textdist import edit_distance, is_near, normalized_distance
 from dits.search.tree import ROOT_ID, Node, Rollout, Tree, node_order
 
@@ -30,8 +38,7 @@ __all__ = [
     "ROOT_ID",
     "Node",
     "OnStep",
-    "PairCandidate",
-    "Renderer",
+    "PairConfig",
     "Rollout",
     "RolloutRequest",
     "RolloutResult",
@@ -40,15 +47,18 @@ __all__ = [
     "Tree",
     "ValueFn",
     "best_and_worst",
+    "count_tree_pairs",
     "derive_seed",
     "edit_distance",
     "is_near",
     "keep_count",
     "mine_pairs",
+    "mine_tree_pairs",
     "node_order",
     "normalized_distance",
     "q_value",
     "reference_candidates",
+    "render_pair",
     "request_seed",
     "run_search",
     "select_node",

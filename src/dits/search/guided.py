@@ -16,35 +16,26 @@ The guide plugs into :func:`~dits.search.mcts.run_search` without touching it: t
 after every ``every`` steps (before the next selection). Scoring charges the engine's ledger (the estimators
 meter themselves) and is summed in :attr:`InfluenceGuide.cost`.
 
-With λ = 0 the value is ``node.q`` itself and the estimator is never called (nor prepared, by
-:func:`guide_for_run`), so the search is exactly the Q-value search.
+With λ = 0 the value is ``node.q`` itself and the estimator is never called (the search stage does not
+even prepare one), so the search is exactly the Q-value search. The guide is handed a ready estimator: where
+θ and the validation tasks come from is the search stage's business (:mod:`dits.stages.search`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dits.influence.base import Cost, InfluenceScore, pair_key
-from dits.search.pairs import PairCandidate, Renderer, mine_pairs
+from dits.mas.protocol import ProtocolConfig
+from dits.records import Cost, InfluenceScore, PreferencePair, pair_key
+from dits.search.pairs import mine_pairs, render_pair
 from dits.search.tree import Node, Tree
+from dits.tasks.example import Example
 
-if TYPE_CHECKING:
-    from dits.config import RunConfig
-    from dits.tasks.example import Example
-
-__all__ = [
-    "ChunkScorer",
-    "GuideConfig",
-    "InfluenceGuide",
-    "candidate_pairs",
-    "guide_for_run",
-    "subtree_influence",
-]
+__all__ = ["ChunkScorer", "GuideConfig", "InfluenceGuide", "candidate_pairs", "subtree_influence"]
 
 
 class GuideConfig(BaseModel):
@@ -67,10 +58,10 @@ class GuideConfig(BaseModel):
 class ChunkScorer(Protocol):
     """What the guide needs of an estimator: a prepared :class:`~dits.influence.base.InfluenceEstimator`."""
 
-    def score(self, chunks: Sequence[Sequence[PairCandidate]]) -> list[InfluenceScore]: ...
+    def score(self, chunks: Sequence[Sequence[PreferencePair]]) -> list[InfluenceScore]: ...
 
 
-def candidate_pairs(tree: Tree) -> list[PairCandidate]:
+def candidate_pairs(tree: Tree) -> list[PreferencePair]:
     """Each node's current (best, worst) child pair by Q, unfiltered (see the module docstring)."""
     return mine_pairs(tree, tau=-math.inf, min_gap=0.0, keep_top_fraction=1.0)
 
@@ -95,18 +86,21 @@ class InfluenceGuide:
         cfg: GuideConfig,
         estimator: ChunkScorer | None = None,
         *,
-        render: Renderer | None = None,
+        examples: Mapping[str, Example] | None = None,
+        protocol: ProtocolConfig | None = None,
         explore: int | None = None,
         prepare_cost: Cost | None = None,
     ) -> None:
-        """``render(task_id, prefix, speaker)`` fills each pair's prompt before scoring (a DPO step needs
-        it); ``explore``, the search's step count, skips the refresh after the last step (nothing reads
-        it); ``prepare_cost`` is the estimator's one-off cost, counted in :attr:`cost`."""
+        """``examples`` (by task id) and ``protocol`` render each pair for its DPO step before scoring
+        (:func:`~dits.search.pairs.render_pair`); ``explore``, the search's step count, skips the refresh
+        after the last step (nothing reads it); ``prepare_cost`` is the estimator's one-off cost, counted in
+        :attr:`cost`."""
         if cfg.lam != 0 and estimator is None:
             raise ValueError("an influence-guided search with lam != 0 needs an estimator")
         self.cfg = cfg
         self.estimator = estimator
-        self.render = render
+        self.examples = examples
+        self.protocol = protocol or ProtocolConfig()
         self.explore = explore
         self.values: dict[str, dict[str, float]] = {}
         """Î by task id, then node id (absent: 0)."""
@@ -140,14 +134,14 @@ class InfluenceGuide:
         """Score the trees' pairs not seen before (one estimator call for all of them), recompute Î."""
         assert self.estimator is not None
         mined = [(tree, candidate_pairs(tree)) for tree in trees]
-        new: dict[str, PairCandidate] = {}
+        new: dict[str, PreferencePair] = {}
         for tree, pairs in mined:
             for p in pairs:
                 key = pair_key(p)
                 if key in self.cache or key in new:
                     continue
-                if self.render is not None:
-                    p.prompt = self.render(tree.task_id, list(p.prefix), p.speaker)
+                if self.examples is not None:
+                    p = render_pair(p, self.examples[tree.task_id], self.protocol)
                 new[key] = p
         if new:
             scores = self.estimator.score([[p] for p in new.values()])
@@ -167,40 +161,3 @@ class InfluenceGuide:
                 values = {k: v / top for k, v in values.items()} if top > 0 else {}
             self.values[tree.task_id] = values
         self.refreshes += 1
-
-
-@contextmanager
-def guide_for_run(
-    engine: Any, run_cfg: RunConfig, examples: Mapping[str, Example]
-) -> Iterator[InfluenceGuide]:
-    """The guide ``run_cfg.guide`` describes, its estimator prepared on θ = the engine's active adapter.
-
-    With λ = 0 nothing is prepared. With no active adapter (the base model), θ is a fresh seeded LoRA
-    (``run_cfg.train.lora``, B = 0, so it computes the same function as the base) added beside the
-    inactive base for the duration of the block: rollouts keep running on the base model.
-    """
-    cfg = run_cfg.guide
-    if cfg.lam == 0:
-        yield InfluenceGuide(cfg, explore=run_cfg.search.explore)
-        return
-    from dits.influence import make_estimator
-    from dits.influence.inputs import probe_adapter, validation_examples
-    from dits.mas.protocol import render_view
-
-    theta = engine.active_adapter
-    added = None
-    if theta is None:
-        theta = added = probe_adapter(engine, run_cfg.train.lora, seed=run_cfg.influence.seed)
-    try:
-        est = make_estimator(run_cfg.influence.model_copy(update={"estimator": cfg.estimator}))
-        est.prepare(engine, theta, validation_examples(run_cfg.task), run_cfg.protocol)
-
-        def render(task_id: str, prefix: list[str], speaker: int) -> list[dict[str, Any]]:
-            return [dict(m) for m in render_view(examples[task_id], prefix, speaker, run_cfg.protocol)]
-
-        yield InfluenceGuide(
-            cfg, est, render=render, explore=run_cfg.search.explore, prepare_cost=est.prepare_cost
-        )
-    finally:
-        if added is not None:
-            engine.delete_adapter(added)

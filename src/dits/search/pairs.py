@@ -12,27 +12,33 @@ as ``max(1, floor(n * fraction))``; ``rounding="ceil"`` keeps ``ceil(n * fractio
 
 Unlike the reference, every node of the tree is mined: the reference dropped nodes that the selection
 filter had discarded (they were removed from its node list) unless they had been selected themselves.
+
+:func:`mine_tree_pairs` mines a tree of a known task and renders each pair for training
+(:func:`render_pair`: the speaker's view as the prompt, the forced turn prefix of its responses).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dits.mas.protocol import ProtocolConfig, render_view, turn_prefix
+from dits.records import PreferencePair
 from dits.search.tree import Tree, node_order
+from dits.tasks.example import Example
 
 __all__ = [
     "HIGH_TAU_DATASETS",
-    "PairCandidate",
     "PairConfig",
-    "Renderer",
     "best_and_worst",
+    "count_tree_pairs",
     "default_tau",
     "keep_count",
     "mine_pairs",
+    "mine_tree_pairs",
+    "render_pair",
 ]
 
 HIGH_TAU_DATASETS = frozenset({"math", "arc", "mmlu", "arith"})
@@ -57,36 +63,6 @@ class PairConfig(BaseModel):
 
     def tau_for(self, dataset: str) -> float:
         return self.tau if self.tau is not None else default_tau(dataset)
-
-
-Renderer = Callable[[str, list[str], int], list[dict[str, Any]]]
-"""``render(task_id, prefix, speaker)`` → the chat messages the speaker sees before speaking."""
-
-
-class PairCandidate(BaseModel):
-    """One preference pair: two sibling utterances after the same prefix, chosen has the higher Q."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tree_task_id: str
-    node_id: str
-    """The parent of both utterances (their shared prefix ends here)."""
-    prefix: list[str]
-    speaker: int
-    """The agent who speaks the chosen / rejected utterance."""
-    chosen: str
-    rejected: str
-    chosen_id: str
-    rejected_id: str
-    q_chosen: float
-    q_rejected: float
-    visits_chosen: int
-    visits_rejected: int
-    prompt: list[dict[str, Any]] | None = None
-
-    @property
-    def gap(self) -> float:
-        return self.q_chosen - self.q_rejected
 
 
 def best_and_worst(tree: Tree, node_id: str) -> tuple[str, str] | None:
@@ -118,15 +94,12 @@ def mine_pairs(
     min_gap: float = 0.2,
     keep_top_fraction: float = 0.5,
     rounding: Literal["reference", "ceil"] = "reference",
-    render: Renderer | None = None,
-) -> list[PairCandidate]:
-    """Mine one tree's preference pairs, ranked by Q(chosen) descending (ties: parent creation order).
-
-    ``render``, when given, fills ``prompt`` with the renderer's view for the speaker of the children.
-    """
+) -> list[PreferencePair]:
+    """Mine one tree's preference pairs, ranked by Q(chosen) descending (ties: parent creation order);
+    not rendered (:func:`render_pair` fills the prompt)."""
     if not 0 < keep_top_fraction <= 1:
         raise ValueError(f"keep_top_fraction must be in (0, 1], got {keep_top_fraction}")
-    found: list[PairCandidate] = []
+    found: list[PreferencePair] = []
     for nid in tree.nodes:
         bw = best_and_worst(tree, nid)
         if bw is None:
@@ -137,7 +110,7 @@ def mine_pairs(
         if best.speaker is None:  # only the root has no speaker, and it is never a child
             raise ValueError(f"tree {tree.task_id!r}: child {best.id!r} has no speaker")
         found.append(
-            PairCandidate(
+            PreferencePair(
                 tree_task_id=tree.task_id,
                 node_id=nid,
                 prefix=tree.prefix(nid),
@@ -153,8 +126,35 @@ def mine_pairs(
             )
         )
     found.sort(key=lambda p: (-p.q_chosen, node_order(p.node_id)))
-    kept = found[: keep_count(len(found), keep_top_fraction, rounding)]
-    if render is not None:
-        for pair in kept:
-            pair.prompt = render(tree.task_id, list(pair.prefix), pair.speaker)
-    return kept
+    return found[: keep_count(len(found), keep_top_fraction, rounding)]
+
+
+def render_pair(pair: PreferencePair, example: Example, protocol: ProtocolConfig) -> PreferencePair:
+    """The pair with its DPO prompt (the renderer's view for the speaker after the prefix) and the forced
+    turn prefix of its responses filled in."""
+    view = render_view(example, list(pair.prefix), pair.speaker, protocol)
+    return pair.model_copy(
+        update={"prompt": [dict(m) for m in view], "response_prefix": turn_prefix(pair.speaker, protocol)}
+    )
+
+
+def _mine(tree: Tree, example: Example, cfg: PairConfig) -> list[PreferencePair]:
+    return mine_pairs(
+        tree,
+        tau=cfg.tau_for(example.dataset),
+        min_gap=cfg.min_gap,
+        keep_top_fraction=cfg.keep_top_fraction,
+        rounding=cfg.rounding,
+    )
+
+
+def mine_tree_pairs(
+    tree: Tree, example: Example, protocol: ProtocolConfig, cfg: PairConfig | None = None
+) -> list[PreferencePair]:
+    """One tree's pairs under ``cfg`` (τ by the example's dataset), rendered for training."""
+    return [render_pair(p, example, protocol) for p in _mine(tree, example, cfg or PairConfig())]
+
+
+def count_tree_pairs(tree: Tree, example: Example, cfg: PairConfig) -> int:
+    """How many pairs :func:`mine_tree_pairs` gives (nothing rendered)."""
+    return len(_mine(tree, example, cfg))

@@ -1,5 +1,9 @@
 """SFT and DPO on TRL + PEFT, and the one-step DPO probe the influence estimators use.
 
+``rows`` (TRL rows and length checks), ``staging`` (the engine's model staged for a trainer and restored),
+``trainer`` (arguments, saving, :class:`TrainResult`), ``sft``, ``dpo``, ``step`` (the one-step probe),
+``config`` (the ``train`` section).
+
 Imported lazily: ``dits.train.config`` is light, the trainers pull in TRL (seconds to import).
 """
 
@@ -11,9 +15,10 @@ from typing import Any
 from dits.train.config import DpoSettings, LoraSettings, SftSettings, TrainConfig
 
 _LAZY = {
-    "TrainResult": "dits.train.common",
-    "TruncationError": "dits.train.common",
-    "LengthCheck": "dits.train.common",
+    "TrainResult": "dits.train.trainer",
+    "TruncationError": "dits.train.rows",
+    "LengthCheck": "dits.train.rows",
+    "preference_dataset": "dits.train.rows",
     "train_sft": "dits.train.sft",
     "sft_trainer": "dits.train.sft",
     "train_dpo": "dits.train.dpo",

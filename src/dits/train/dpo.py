@@ -6,7 +6,7 @@ as assistant messages (with the protocol's forced turn prefix, the way the rende
 turns, as the SFT rows do).
 
 The reference policy is the model before this training. With LoRA, TRL (1.x) copies the adapter being
-trained (staged as ``"default"``, see :mod:`dits.train.common`) to a frozen ``"ref"`` adapter before the
+trained (staged as ``"default"``, see :mod:`dits.train.staging`) to a frozen ``"ref"`` adapter before the
 first step and scores the reference with it, so when training continues from the previous iteration's
 adapter the reference is that adapter, not the bare base model; a fresh adapter starts at zero, so its copy
 equals the base. This is checked after the trainer is built. With full fine-tuning the reference
@@ -33,31 +33,25 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from dits.mas.protocol import ProtocolConfig
-from dits.search.pairs import PairCandidate
-from dits.train.common import (
-    REF_ADAPTER,
-    TRAIN_ADAPTER,
+from dits.engine.policy import TrainablePolicy
+from dits.records import PreferencePair
+from dits.train.config import TrainConfig
+from dits.train.rows import (
     LengthCheck,
     RowLengths,
-    TrainResult,
-    adapter_parameters,
     check_lengths,
-    dpo_dataset_rows,
-    finish_training,
-    pair_contents,
-    pair_label,
-    quiet_datasets,
-    quiet_trainer,
+    preference_rows,
+    row_label,
     sequence_lengths,
-    staged_model,
-    trainer_kwargs,
 )
-from dits.train.config import TrainConfig
+from dits.train.staging import REF_ADAPTER, TRAIN_ADAPTER, staged_model
+from dits.train.trainer import TrainResult, finish_training, quiet_datasets, quiet_trainer, trainer_kwargs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_dpo_lengths", "dpo_dataset_rows", "dpo_trainer", "pair_contents", "train_dpo"]
+__all__ = ["check_dpo_lengths", "dpo_trainer", "train_dpo"]
+
+Pairs = Sequence[PreferencePair | Mapping[str, Any]]
 
 
 class _CountingDPOTrainer(DPOTrainer):
@@ -79,18 +73,13 @@ class _CountingDPOTrainer(DPOTrainer):
         )
 
 
-def check_dpo_lengths(
-    tokenizer: Any,
-    pairs: Sequence[PairCandidate | Mapping[str, Any]],
-    cfg: TrainConfig,
-    protocol: ProtocolConfig | None = None,
-) -> LengthCheck:
+def check_dpo_lengths(tokenizer: Any, pairs: Pairs, cfg: TrainConfig) -> LengthCheck:
     """Tokenise every pair as TRL will and find those that would be truncated (see ``check_lengths``)."""
-    rows = dpo_dataset_rows(pairs, protocol)
+    rows = preference_rows(pairs)
     lengths = []
     for i, (pair, row) in enumerate(zip(pairs, rows, strict=True)):
         prompt, fulls = sequence_lengths(tokenizer, row["prompt"], [row["chosen"], row["rejected"]])
-        lengths.append(RowLengths(pair_label(pair, i), prompt, fulls, ("chosen", "rejected")))
+        lengths.append(RowLengths(row_label(pair, i), prompt, fulls, ("chosen", "rejected")))
     s = cfg.dpo
     return check_lengths(
         lengths,
@@ -101,12 +90,12 @@ def check_dpo_lengths(
     )
 
 
-def _check_reference(engine: Any) -> None:
+def _check_reference(engine: TrainablePolicy) -> None:
     """The reference adapter must exist and equal the start adapter, or DPO trains against the wrong model."""
-    if REF_ADAPTER not in engine.model.peft_config:
+    if REF_ADAPTER not in engine.adapter_names():
         raise RuntimeError("TRL did not create the reference adapter; this TRL version is not supported")
-    ref = adapter_parameters(engine, REF_ADAPTER)
-    start = adapter_parameters(engine, TRAIN_ADAPTER)
+    ref = engine.adapter_parameters(REF_ADAPTER)
+    start = engine.adapter_parameters(TRAIN_ADAPTER)
     for name, p in start.items():
         q = ref.get(name.replace(f".{TRAIN_ADAPTER}.", f".{REF_ADAPTER}."))
         if q is None or not torch.equal(p, q) or q.requires_grad:
@@ -115,18 +104,13 @@ def _check_reference(engine: Any) -> None:
 
 @contextmanager
 def dpo_trainer(
-    engine: Any,
-    pairs: Sequence[PairCandidate | Mapping[str, Any]],
-    cfg: TrainConfig,
-    *,
-    init_adapter: str | None = None,
-    protocol: ProtocolConfig | None = None,
+    engine: TrainablePolicy, pairs: Pairs, cfg: TrainConfig, *, init_adapter: str | None = None
 ) -> Iterator[DPOTrainer]:
     """A ready TRL DPOTrainer on the engine's model (not yet trained). Inside, the policy is the engine's
     active adapter ``"default"`` and the reference is ``"ref"`` (LoRA). On exit the engine is restored and
     the tokens trained are charged to the ledger. ``trainer.dits_lengths`` holds the length check."""
-    check = check_dpo_lengths(engine.tokenizer, pairs, cfg, protocol)
-    rows = dpo_dataset_rows(pairs, protocol)
+    check = check_dpo_lengths(engine.tokenizer, pairs, cfg)
+    rows = preference_rows(pairs)
     dataset = Dataset.from_list([rows[i] for i in check.kept])
     s = cfg.dpo
     with (
@@ -172,26 +156,25 @@ def dpo_trainer(
 
 
 def train_dpo(
-    engine: Any,
-    pairs: Sequence[PairCandidate | Mapping[str, Any]],
+    engine: TrainablePolicy,
+    pairs: Pairs,
     cfg: TrainConfig,
     out_dir: str | Path,
     *,
     init_adapter: str | None = None,
     adapter_name: str = "dpo",
-    protocol: ProtocolConfig | None = None,
 ) -> TrainResult:
     """DPO on ``pairs``; save the adapter (or, with ``full_finetune``, the model) to ``out_dir``.
 
     LoRA: a fresh adapter, or ``init_adapter`` (a loaded adapter's name or a saved adapter's directory)
     trained further with itself as the reference; the result is loaded into the engine as ``adapter_name``
-    (replacing one of that name) but not made active. ``protocol`` gives the forced turn prefix of
-    ``PairCandidate`` pairs. Charges the trained tokens (policy) and the reference forward to the ledger.
+    (replacing one of that name) but not made active. Charges the trained tokens (policy) and the
+    reference forward to the ledger.
     """
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with dpo_trainer(engine, pairs, cfg, init_adapter=init_adapter, protocol=protocol) as trainer:
+    with dpo_trainer(engine, pairs, cfg, init_adapter=init_adapter) as trainer:
         trainer.train()
         counts = dict(trainer.dits_counts)
         result = finish_training(

@@ -11,33 +11,30 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from pydantic import BaseModel
 from trl import SFTConfig, SFTTrainer
 
-from dits.train.common import (
+from dits.engine.policy import TrainablePolicy
+from dits.train.config import TrainConfig
+from dits.train.rows import (
     LengthCheck,
     RowLengths,
-    TrainResult,
-    as_messages,
     check_lengths,
-    finish_training,
-    quiet_datasets,
-    quiet_trainer,
+    completion_rows,
+    row_label,
     sequence_lengths,
-    staged_model,
-    trainer_kwargs,
 )
-from dits.train.config import TrainConfig
+from dits.train.staging import staged_model
+from dits.train.trainer import TrainResult, finish_training, quiet_datasets, quiet_trainer, trainer_kwargs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_sft_lengths", "sft_dataset_rows", "sft_trainer", "train_sft"]
+__all__ = ["check_sft_lengths", "sft_trainer", "train_sft"]
 
 
 class _CountingSFTTrainer(SFTTrainer):
@@ -53,35 +50,13 @@ class _CountingSFTTrainer(SFTTrainer):
         )
 
 
-def _label(row: Any, i: int) -> str:
-    get = row.get if isinstance(row, Mapping) else lambda k, d=None: getattr(row, k, d)
-    ex, turn = get("example_id"), get("turn")
-    return f"row {i}" + (f" ({ex} turn {turn})" if ex is not None else "")
-
-
-def sft_dataset_rows(rows: Sequence[Any]) -> list[dict[str, list[dict[str, str]]]]:
-    """``SftRow`` records or ``{"prompt", "completion"}`` mappings as TRL prompt-completion rows."""
-    out = []
-    for i, row in enumerate(rows):
-        data = row.model_dump() if isinstance(row, BaseModel) else dict(row)
-        if "prompt" not in data or "completion" not in data:
-            raise KeyError(f"SFT row {i} needs 'prompt' and 'completion', got {sorted(data)}")
-        out.append(
-            {
-                "prompt": as_messages(data["prompt"], "prompt"),
-                "completion": as_messages(data["completion"], "completion"),
-            }
-        )
-    return out
-
-
 def check_sft_lengths(tokenizer: Any, rows: Sequence[Any], cfg: TrainConfig) -> LengthCheck:
     """Tokenise every row as TRL will and find those that would be truncated (see ``check_lengths``)."""
-    data = sft_dataset_rows(rows)
+    data = completion_rows(rows)
     lengths = []
     for i, (row, d) in enumerate(zip(rows, data, strict=True)):
         prompt, (full,) = sequence_lengths(tokenizer, d["prompt"], [d["completion"]])
-        lengths.append(RowLengths(_label(row, i), prompt, [full]))
+        lengths.append(RowLengths(row_label(row, i), prompt, [full]))
     s = cfg.sft
     return check_lengths(
         lengths,
@@ -94,12 +69,12 @@ def check_sft_lengths(tokenizer: Any, rows: Sequence[Any], cfg: TrainConfig) -> 
 
 @contextmanager
 def sft_trainer(
-    engine: Any, rows: Sequence[Any], cfg: TrainConfig, *, init_adapter: str | None = None
+    engine: TrainablePolicy, rows: Sequence[Any], cfg: TrainConfig, *, init_adapter: str | None = None
 ) -> Iterator[SFTTrainer]:
     """A ready TRL SFTTrainer on the engine's model (not yet trained); the engine is restored on exit and the
     tokens it trained are charged to the ledger. ``trainer.dits_lengths`` holds the length check."""
     check = check_sft_lengths(engine.tokenizer, rows, cfg)
-    data = sft_dataset_rows(rows)
+    data = completion_rows(rows)
     dataset = Dataset.from_list([data[i] for i in check.kept])
     with (
         tempfile.TemporaryDirectory(prefix="dits-sft-") as work,
@@ -130,7 +105,7 @@ def sft_trainer(
 
 
 def train_sft(
-    engine: Any,
+    engine: TrainablePolicy,
     rows: Sequence[Any],
     cfg: TrainConfig,
     out_dir: str | Path,

@@ -15,36 +15,28 @@ checks it against ``DPOTrainer.compute_loss`` on one batch.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from dits.ledger import Ledger
-from dits.mas.protocol import ProtocolConfig
-from dits.search.pairs import PairCandidate
-from dits.train.common import adapter_parameters, assistant_turn_text, dpo_dataset_rows, is_peft
+from dits.engine.policy import TrainablePolicy
+from dits.records import PreferencePair
+from dits.train.rows import assistant_turn_text, preference_rows
 
 __all__ = ["RefLogps", "StepHandle", "dpo_loss", "one_step", "reference_logps", "sequence_logps"]
 
 RefLogps = tuple[torch.Tensor, torch.Tensor]
 """Summed log-probs of (chosen, rejected) turns under the reference policy, one entry per pair."""
 
-Pairs = Sequence[PairCandidate | Mapping[str, Any]]
+Pairs = Sequence[PreferencePair | Mapping[str, Any]]
 
 
-def _adapter_context(engine: Any) -> AbstractContextManager[object]:
-    """Score with the engine's active adapter, or with all adapters off when none is active."""
-    if is_peft(engine.model) and engine.active_adapter is None:
-        return engine.model.disable_adapter()
-    return nullcontext()
-
-
-def _scoring_inputs(engine: Any, pairs: Pairs, protocol: ProtocolConfig | None) -> tuple[list, list[str]]:
+def _scoring_inputs(engine: TrainablePolicy, pairs: Pairs) -> tuple[list, list[str]]:
     """Views and turn texts, chosen rows first then rejected rows (TRL's batch layout)."""
-    rows = dpo_dataset_rows(pairs, protocol)
+    rows = preference_rows(pairs)
     views, texts = [], []
     for key in ("chosen", "rejected"):
         for i, row in enumerate(rows):
@@ -56,43 +48,38 @@ def _scoring_inputs(engine: Any, pairs: Pairs, protocol: ProtocolConfig | None) 
     return views, texts
 
 
-def sequence_logps(engine: Any, pairs: Pairs, *, protocol: ProtocolConfig | None = None) -> RefLogps:
+def sequence_logps(engine: TrainablePolicy, pairs: Pairs) -> RefLogps:
     """Summed log-probs of each pair's chosen and rejected turn under the engine's current adapter;
     differentiable when grad mode is on (the caller's choice)."""
-    views, texts = _scoring_inputs(engine, pairs, protocol)
-    with _adapter_context(engine):
+    views, texts = _scoring_inputs(engine, pairs)
+    with engine.adapter_scope():
         scored = engine.score_tensors(views, texts, "", keep_graph=True)
     sums = torch.stack([sc.tensor.sum() for sc in scored])
     n = len(pairs)
     return sums[:n], sums[n:]
 
 
-def reference_logps(engine: Any, pairs: Pairs, *, protocol: ProtocolConfig | None = None) -> RefLogps:
+def reference_logps(engine: TrainablePolicy, pairs: Pairs) -> RefLogps:
     """Reference log-probs for :func:`dpo_loss`: the current adapter's, without a graph. Set the engine to
     the reference policy (the model DPO starts from) before calling."""
     with torch.no_grad():
-        chosen, rejected = sequence_logps(engine, pairs, protocol=protocol)
+        chosen, rejected = sequence_logps(engine, pairs)
     return chosen.detach(), rejected.detach()
 
 
 def dpo_loss(
-    engine: Any,
-    pairs: Pairs,
-    beta: float,
-    ref_logps: RefLogps | None = None,
-    *,
-    protocol: ProtocolConfig | None = None,
+    engine: TrainablePolicy, pairs: Pairs, beta: float, ref_logps: RefLogps | None = None
 ) -> torch.Tensor:
     """Mean sigmoid DPO loss ``-log σ(β[(π_c - ref_c) - (π_r - ref_r)])`` with the policy = the engine's
     active adapter (differentiable) and the given reference log-probs; without them the reference is the
     current policy itself (the start of a DPO step from here: the loss is log 2, the gradient is not 0)."""
     if ref_logps is None:
-        ref_logps = reference_logps(engine, pairs, protocol=protocol)
+        ref_logps = reference_logps(engine, pairs)
     ref_c, ref_r = (torch.as_tensor(t, dtype=torch.float32) for t in ref_logps)
     if ref_c.shape != (len(pairs),) or ref_r.shape != (len(pairs),):
         raise ValueError(f"ref_logps must hold {len(pairs)} chosen and rejected values")
     with torch.enable_grad():
-        pol_c, pol_r = sequence_logps(engine, pairs, protocol=protocol)
+        pol_c, pol_r = sequence_logps(engine, pairs)
         delta = (pol_c - ref_c.to(pol_c.device)) - (pol_r - ref_r.to(pol_r.device))
         return -F.logsigmoid(beta * delta).mean()
 
@@ -140,7 +127,7 @@ def _only_trainable(model: torch.nn.Module, params: Mapping[str, torch.nn.Parame
 
 
 def one_step(
-    engine: Any,
+    engine: TrainablePolicy,
     adapter_name: str,
     pairs: Pairs,
     lr: float,
@@ -148,7 +135,6 @@ def one_step(
     optimizer: Literal["adamw", "sgd"] = "adamw",
     *,
     ref_logps: RefLogps | None = None,
-    protocol: ProtocolConfig | None = None,
     weight_decay: float = 0.0,
 ) -> StepHandle:
     """Take exactly one optimizer step of DPO on ``pairs`` on adapter ``adapter_name`` and return a handle
@@ -165,21 +151,19 @@ def one_step(
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     previous = engine.active_adapter
-    params = adapter_parameters(engine, adapter_name)
+    params = engine.adapter_parameters(adapter_name)
     saved = {n: p.detach().clone() for n, p in params.items()}
     flags = [(p, p.requires_grad) for p in engine.model.parameters()]  # PEFT's set_adapter flips them too
     engine.set_adapter(adapter_name)
-    real_ledger = engine.ledger
     try:
         if ref_logps is None:
-            ref_logps = reference_logps(engine, pairs, protocol=protocol)
+            ref_logps = reference_logps(engine, pairs)
         with _only_trainable(engine.model, params):
-            scratch = Ledger(params=real_ledger.params)
-            engine.ledger = scratch  # the policy forward is part of the training step: booked below
-            try:
-                loss = dpo_loss(engine, pairs, beta, ref_logps, protocol=protocol)
-            finally:
-                engine.ledger = real_ledger
+            before = engine.ledger.counts.trained_tokens if engine.ledger.counts else 0
+            with engine.booked_as_training():  # the policy forward is part of the training step
+                loss = dpo_loss(engine, pairs, beta, ref_logps)
+            assert engine.ledger.counts is not None
+            trained = engine.ledger.counts.trained_tokens - before
             loss.backward()
             norms = [p.grad.norm() for p in params.values() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
@@ -189,10 +173,6 @@ def one_step(
             else:
                 opt = torch.optim.SGD(tensors, lr=lr, weight_decay=weight_decay)
             opt.step()
-        c = scratch.counts
-        assert c is not None
-        trained = c.prompt_tokens + c.scored_tokens
-        real_ledger.charge(trained_tokens=trained)
     except BaseException:
         with torch.no_grad():
             for name, p in params.items():

@@ -1,4 +1,5 @@
-"""iSFT self-training data (DESIGN.md section 7b): best-of-n conversations per task, filtered, as SFT rows.
+"""The ``sft-data`` stage (iSFT, DESIGN.md section 7b): best-of-n conversations per task, filtered, as SFT
+rows.
 
 Per task, ``n`` conversations are sampled at temperature 0.7 (all tasks and samples in ONE batched dialogue
 run, each with its own seed, so a sample does not depend on its batch) and rewarded with the Optima
@@ -15,60 +16,32 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
+from dits.artifacts import SAMPLES_FILE, SFT_FILE, SFT_SUMMARY_FILE, write_jsonl_atomic, write_text_atomic
+from dits.config import SftDataConfig
 from dits.engine.base import Engine
 from dits.mas.dialogue import Transcript, run_dialogues
 from dits.mas.protocol import ProtocolConfig, own_turn_content, render_view
+from dits.records import SftRow
 from dits.reward import RewardBreakdown, RewardConfig, compute_reward, t_norm_from, utterance_nlls
 from dits.search.pairs import keep_count
 from dits.seeding import derive_seed
+from dits.stages.context import ModelRef, Product, StageContext, example_ids
 from dits.tasks.example import Example
 
 __all__ = [
-    "SAMPLES_FILE",
-    "SFT_FILE",
     "SampledConversation",
     "SftData",
-    "SftDataConfig",
-    "SftRow",
     "build_sft_data",
-    "default_threshold",
-    "rows_to_dataset",
     "sample_conversations",
     "select_conversations",
+    "sft_data_stage",
     "sft_rows",
 ]
 
 log = logging.getLogger(__name__)
-
-SAMPLES_FILE = "samples.jsonl"
-SFT_FILE = "sft.jsonl"
-SUMMARY_FILE = "sft_data.json"
-
-
-class SftDataConfig(BaseModel):
-    """iSFT selection knobs; defaults are the published ones."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    n_samples: int = Field(10, ge=1, description="conversations sampled per task")
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    threshold: float | None = Field(None, description="min reward of a task's best; None: 0.5 / 0.6 by mode")
-    keep_fraction: float = Field(
-        0.7, gt=0, le=1, description="of the qualifying best ones, keep this top share"
-    )
-
-    def threshold_for(self, example: Example) -> float:
-        return self.threshold if self.threshold is not None else default_threshold(example)
-
-
-def default_threshold(example: Example) -> float:
-    """0.5 for information exchange, 0.6 for debate (Optima's iSFT)."""
-    return 0.5 if example.mode == "exchange" else 0.6
 
 
 class SampledConversation(BaseModel):
@@ -85,20 +58,6 @@ class SampledConversation(BaseModel):
     @property
     def reward(self) -> float:
         return self.breakdown.total
-
-
-class SftRow(BaseModel):
-    """One SFT row (TRL conversational prompt-completion), with where it came from."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: list[dict[str, str]]
-    completion: list[dict[str, str]]
-    example_id: str
-    sample: int
-    turn: int
-    speaker: int
-    reward: float
 
 
 class SftData(BaseModel):
@@ -195,26 +154,6 @@ def sft_rows(example: Example, conversation: SampledConversation, protocol: Prot
     return rows
 
 
-def rows_to_dataset(rows: Sequence[SftRow]) -> Any:  # -> datasets.Dataset
-    """The rows as a ``datasets.Dataset`` TRL's SFTTrainer reads (``prompt`` / ``completion`` messages)."""
-    from datasets import Dataset, Features, Value
-
-    message = {"role": Value("string"), "content": Value("string")}
-    features = Features(
-        {
-            "prompt": [message],
-            "completion": [message],
-            "example_id": Value("string"),
-            "sample": Value("int64"),
-            "turn": Value("int64"),
-            "speaker": Value("int64"),
-            "reward": Value("float64"),
-        }
-    )
-    columns: dict[str, list[Any]] = {k: [getattr(r, k) for r in rows] for k in features}
-    return Dataset.from_dict(columns, features=features)
-
-
 def build_sft_data(
     engine: Engine,
     examples: Sequence[Example],
@@ -228,8 +167,6 @@ def build_sft_data(
 ) -> SftData:
     """Sample, reward, select, and turn the kept conversations into SFT rows; with ``out_dir``, write
     ``samples.jsonl`` (every sample and its reward), ``sft.jsonl`` (the rows) and ``sft_data.json``."""
-    from dits.jsonl import write_text_atomic as write_atomic
-
     cfg = cfg or SftDataConfig()
     ids = [ex.id for ex in examples]
     if len(set(ids)) != len(ids):
@@ -252,8 +189,8 @@ def build_sft_data(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / SAMPLES_FILE, "".join(s.model_dump_json() + "\n" for s in samples))
-        write_atomic(out / SFT_FILE, "".join(r.model_dump_json() + "\n" for r in rows))
+        write_jsonl_atomic(out / SAMPLES_FILE, samples)
+        write_jsonl_atomic(out / SFT_FILE, rows)
         summary = {
             "t_norm": used_t_norm,
             "tasks": len(examples),
@@ -263,5 +200,23 @@ def build_sft_data(
             "config": cfg.model_dump(mode="json"),
             "seed": seed,
         }
-        write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))
+        write_text_atomic(out / SFT_SUMMARY_FILE, json.dumps(summary, indent=2))
     return data
+
+
+def sft_data_stage(
+    ctx: StageContext, iteration: int, owner: str | None, model: ModelRef, tasks: Sequence[Example]
+) -> Product:
+    """The sft-data stage of ``iteration``: samples and SFT rows of ``tasks`` under ``model``."""
+    cfg = ctx.cfg
+    seed = ctx.seed("sft-data", iteration)
+    inputs = {"model": model.digest, "tasks": example_ids(tasks), "seed": seed,
+              **cfg.sections("protocol", "reward", "sft_data")}  # fmt: skip
+
+    def body(out: Path) -> dict[str, float]:
+        engine = ctx.activate(model)
+        data = build_sft_data(engine, tasks, cfg.protocol, cfg.reward, out, cfg=cfg.sft_data, seed=seed)
+        return {"tasks": len(tasks), "samples": len(data.samples), "kept": len(data.kept),
+                "rows": len(data.rows)}  # fmt: skip
+
+    return ctx.run("sft-data", iteration, owner, inputs, body)[0]

@@ -1,0 +1,27 @@
+"""The ``engine`` section of a run config: which backend, which model, how it batches."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["BACKENDS", "EngineConfig"]
+
+BACKENDS = ("hf", "vllm")
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["hf", "vllm"] = "hf"
+    model: str = "smollm2-135m"
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    token_budget: int = Field(32768, ge=256)
+    max_batch: int = Field(64, ge=1)
+    trust_remote_code: bool = False
+
+    def identity(self) -> dict[str, str]:
+        """What decides the model's outputs (not its batching): part of every stage's inputs."""
+        return {"backend": self.backend, "model": self.model, "dtype": self.dtype}

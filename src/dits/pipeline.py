@@ -1,0 +1,211 @@
+"""The DITS loop (DESIGN.md section 2): a recipe is a list of stages, run per iteration for each lineage.
+
+Directory layout under ``runs/<name>/``::
+
+    config.yaml                      the config of the latest invocation
+    base/evaluate/                   the untrained model on the test split
+    iter_<i>/<stage>/                a stage shared by every method (iteration 0, before selection)
+    iter_<i>/<stage>-<method>/       a stage of one method's lineage
+
+Every method starts from the same model; in iteration 0 the stages before ``select`` (sft-data, sft,
+search, influence) are run once and shared, so Optima (``q``) and DITS (``mix``) are trained on the same
+synthesized pool. From ``select`` on, and in every later iteration, each method has its own stages.
+
+Iteration ``i`` draws its training tasks from slice ``i`` of the train split (``task.train`` tasks per
+iteration), so no iteration searches a task an earlier one trained on. Influence is measured on the dev
+split, evaluation on the test split; the three are disjoint.
+
+The loop knows no stage by name: :data:`STAGES` maps each name to a function of the context and the
+lineage's :class:`Step` (its model, its tasks, the products of the stages before), and to whether it
+yields the lineage's next model or a product. A new stage is a module under ``dits/stages/`` and a row
+here; a recipe is a tuple of stage names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from dits.artifacts import PAIRS_FILE, StageManifest, write_text_atomic
+from dits.config import RunConfig, load_config
+from dits.engine.base import Engine
+from dits.select import needs_scores
+from dits.stages.context import EngineHolder, ModelRef, Product, StageContext
+from dits.stages.evaluate import evaluate_stage
+from dits.stages.influence import influence_stage
+from dits.stages.search import search_stage
+from dits.stages.select import select_stage
+from dits.stages.sft_data import sft_data_stage
+from dits.stages.train import train_stage
+from dits.tasks.example import Example
+from dits.tasks.source import examples_for
+
+__all__ = ["DEMO", "RECIPES", "STAGES", "Pipeline", "RunResult", "demo_config", "iteration_tasks"]
+
+log = logging.getLogger(__name__)
+
+DEMO: dict[str, Any] = {
+    "name": "demo",
+    "seed": 0,
+    "task": {"dataset": "facts", "train": 16, "dev": 8, "test": 32},
+    "protocol": {"max_turns": 4, "max_new_tokens": 32},
+    "search": {"explore": 2, "expand": 2},
+    "influence": {"estimator": "gradient", "chunk_size": 2, "val_tasks": 8, "samples_per_task": 2},
+    "train": {"dpo": {"lr": 1e-4, "epochs": 2, "batch_size": 4}},
+    "select": {"ratio": 0.5},
+    "pipeline": {"recipe": "idpo", "iterations": 1, "methods": ["q", "mix"]},
+}
+"""The demo: Optima (``q``) and DITS (``mix``) trained from one pool on the embedded model and the
+built-in information-exchange task, small enough for a 2-core laptop (DESIGN.md section 10)."""
+
+
+def demo_config(overrides: dict[str, Any] | None = None) -> RunConfig:
+    return load_config(None, overrides, defaults=DEMO)
+
+
+@dataclass
+class Step:
+    """What a stage of one lineage's iteration reads: the lineage's model, its tasks, earlier products."""
+
+    iteration: int
+    owner: str | None
+    """The method whose directory the stage writes (None: shared by every method)."""
+    readers: frozenset[str]
+    """The methods that will read this stage's output."""
+    model: ModelRef
+    tasks: list[Example]
+    test: list[Example]
+    products: dict[str, Product | None] = field(default_factory=dict)
+
+    def product(self, stage: str) -> Product:
+        p = self.products.get(stage)
+        if p is None:
+            raise ValueError(f"stage {stage!r} must run before this one in the recipe")
+        return p
+
+
+def _influence(ctx: StageContext, s: Step) -> Product | None:
+    if not any(needs_scores(m) for m in s.readers):  # nobody reads the scores: not computed
+        return None
+    search = s.product("search")
+    return influence_stage(ctx, s.iteration, s.owner, s.model, search.file(PAIRS_FILE), search.digest)
+
+
+def _select(ctx: StageContext, s: Step) -> Product:
+    (method,) = s.readers
+    search = s.product("search")
+    return select_stage(ctx, s.iteration, method, search.file(PAIRS_FILE), search.digest,
+                        s.products.get("influence"))  # fmt: skip
+
+
+def _evaluate(ctx: StageContext, s: Step) -> None:
+    evaluate_stage(ctx, s.iteration, s.owner, s.model, s.test)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    run: Callable[[StageContext, Step], Any]
+    yields_model: bool = False
+
+
+STAGES: dict[str, StageSpec] = {
+    "sft-data": StageSpec(lambda c, s: sft_data_stage(c, s.iteration, s.owner, s.model, s.tasks)),
+    "sft": StageSpec(
+        lambda c, s: train_stage(c, s.iteration, s.owner, s.model, s.product("sft-data"), "sft"), True
+    ),
+    "search": StageSpec(lambda c, s: search_stage(c, s.iteration, s.owner, s.model, s.tasks)),
+    "influence": StageSpec(_influence),
+    "select": StageSpec(_select),
+    "dpo": StageSpec(
+        lambda c, s: train_stage(c, s.iteration, s.owner, s.model, s.product("select"), "dpo"), True
+    ),
+    "evaluate": StageSpec(_evaluate),
+}
+RECIPES: dict[str, tuple[str, ...]] = {
+    "isft": ("sft-data", "sft", "evaluate"),
+    "idpo": ("search", "influence", "select", "dpo", "evaluate"),
+    "isft-dpo": ("sft-data", "sft", "search", "influence", "select", "dpo", "evaluate"),
+}
+SHARED_UNTIL = "select"
+"""In iteration 0, stages before this one are shared by all methods (same model, same tasks)."""
+
+
+def iteration_tasks(cfg: RunConfig, iteration: int) -> list[Example]:
+    """Slice ``iteration`` of the train split, ``task.train`` tasks long."""
+    n = cfg.task.train
+    pool = examples_for(cfg.task, "train", limit=n * (iteration + 1))
+    tasks = pool[n * iteration : n * (iteration + 1)]
+    if len(tasks) < n:
+        raise ValueError(
+            f"iteration {iteration} needs train tasks {n * iteration}..{n * (iteration + 1) - 1}, but the "
+            f"{cfg.task.dataset} train split has {len(pool)}; lower task.train or pipeline.iterations"
+        )
+    return tasks
+
+
+class RunResult(BaseModel):
+    """Every stage manifest of a run, in the order the stages ran."""
+
+    run_dir: str
+    manifests: list[StageManifest]
+
+
+class Pipeline:
+    """Runs (or resumes) the stages of ``cfg`` under ``runs_root/<cfg.name>``."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        runs_root: str | Path = "runs",
+        *,
+        force: bool = False,
+        engine: Engine | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(runs_root) / cfg.name
+        self.ctx = StageContext(cfg, self.run_dir, EngineHolder(cfg, engine), force=force, progress=progress)
+
+    def run(self) -> RunResult:
+        cfg, ctx = self.cfg, self.ctx
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
+        log.info("run %s: artifacts under %s", cfg.name, self.run_dir.resolve())
+
+        base = ModelRef.base(cfg)
+        test = examples_for(cfg.task, "test")
+        if cfg.pipeline.evaluate_base:
+            evaluate_stage(ctx, None, None, base, test)
+        recipe = RECIPES[cfg.pipeline.recipe]
+        cut = recipe.index(SHARED_UNTIL) if SHARED_UNTIL in recipe else len(recipe)
+        methods: Sequence[str | None] = (
+            [None] if "select" not in recipe else list(dict.fromkeys(cfg.pipeline.methods))
+        )
+        everyone = frozenset(m for m in methods if m is not None)
+        models: dict[str | None, ModelRef] = dict.fromkeys(methods, base)
+        for it in range(cfg.pipeline.iterations):
+            tasks = iteration_tasks(cfg, it)
+            shared: dict[str, Any] = {}
+            for method in methods:
+                step = Step(it, method, everyone, models[method], tasks, test)
+                for index, stage in enumerate(recipe):
+                    step.owner = None if (it == 0 and index < cut) or method is None else method
+                    step.readers = everyone if step.owner is None else frozenset({method} - {None})
+                    spec = STAGES[stage]
+                    if step.owner is None and stage in shared:
+                        result = shared[stage]
+                    else:
+                        result = spec.run(ctx, step)
+                        if step.owner is None:
+                            shared[stage] = result
+                    if spec.yields_model:
+                        step.model = result
+                    else:
+                        step.products[stage] = result
+                models[method] = step.model
+        return RunResult(run_dir=str(self.run_dir), manifests=ctx.manifests)

@@ -1,0 +1,237 @@
+"""What every stage is given: the run's config, its engine, where its directory is, how to run it.
+
+A stage is a function ``(StageContext, its inputs) -> its outputs``; it decides what its output depends on
+(the ``inputs`` mapping recorded in ``stage.json``), runs its body through :meth:`StageContext.run`
+(skip / resume / refuse, :func:`dits.artifacts.run_stage`), and returns a :class:`Product` (its directory
+and digest) or a :class:`ModelRef`. The pipeline and the single-stage commands (``dits synthesize``,
+``dits influence``, ``dits select``) build a context and call the same stage functions, so the same config
+gives the same artifacts whichever way it is run.
+
+The one rule for the inputs the influence stage and the influence-guided search share lives here too:
+:func:`validation_tasks` (the dev split cut to ``influence.val_tasks``) and :func:`influence_theta` (θ is
+the lineage's adapter, or a fresh LoRA seeded with ``influence.seed``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from dits.artifacts import StageManifest, digest, run_stage
+from dits.config import RunConfig
+from dits.engine import Engine, engine_from_config
+from dits.executor import Executor, LocalExecutor
+from dits.influence.inputs import probe_adapter
+from dits.seeding import derive_seed
+from dits.tasks.example import Example
+from dits.tasks.source import examples_for
+
+__all__ = [
+    "EngineHolder",
+    "ModelRef",
+    "Product",
+    "StageContext",
+    "example_ids",
+    "influence_theta",
+    "probe_shape",
+    "validation_tasks",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ModelRef(BaseModel):
+    """A model of a lineage: the base, a saved LoRA adapter, or saved full weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["base", "adapter", "full"]
+    path: str | None = None
+    digest: str
+    """Digest of the stage that produced it (the base: of the engine config): part of later inputs."""
+
+    @property
+    def adapter_name(self) -> str:
+        return f"m{self.digest[:10]}"
+
+    @classmethod
+    def base(cls, cfg: RunConfig) -> ModelRef:
+        return cls(kind="base", digest=digest({**cfg.engine.identity(), "seed": cfg.seed}))
+
+    @classmethod
+    def adapter_dir(cls, path: str | Path) -> ModelRef:
+        """A saved adapter directory (``--adapter``), identified by the bytes of its weights."""
+        p = Path(path)
+        weights = sorted(p.glob("adapter_model.*"))
+        if not (p / "adapter_config.json").is_file() or not weights:
+            raise FileNotFoundError(f"{p} is not an adapter directory (no adapter_config.json / weights)")
+        h = hashlib.sha256()
+        for w in [p / "adapter_config.json", *weights]:
+            h.update(w.read_bytes())
+        return cls(kind="adapter", path=str(p), digest=h.hexdigest()[:16])
+
+
+class Product(BaseModel):
+    """A finished stage's directory and digest."""
+
+    path: str
+    digest: str
+
+    def file(self, name: str) -> Path:
+        return Path(self.path) / name
+
+
+class EngineHolder:
+    """The run's engine, rebuilt only when a lineage's full fine-tuned weights must replace the base.
+
+    A rebuilt engine charges the same ledger, so stage costs stay on one run-wide account."""
+
+    def __init__(self, cfg: RunConfig, engine: Engine | None = None) -> None:
+        self.cfg = cfg
+        self._engine = engine
+        self._base_path: str | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = engine_from_config(self.cfg.engine)
+        return self._engine
+
+    def adopt_full(self, path: str) -> None:
+        """Full fine-tuning changed the engine's base in place: it now holds the weights saved at ``path``."""
+        self._base_path = path
+
+    def _rebuild(self, model: str | None) -> Engine:
+        ledger = self.engine.ledger
+        self._engine = engine_from_config(self.cfg.engine, model=model, ledger=ledger)
+        self._base_path = model
+        return self._engine
+
+    def activate(self, ref: ModelRef) -> Engine:
+        """Make ``ref`` the model that generate/score/train use."""
+        engine = self.engine
+        if ref.kind == "full" and self._base_path != ref.path:
+            engine = self._rebuild(ref.path)
+        elif ref.kind == "base" and self._base_path is not None:  # a full fine-tune replaced the base
+            engine = self._rebuild(None)
+        if ref.kind != "adapter":
+            engine.set_adapter(None)
+            return engine
+        assert ref.path is not None
+        if ref.adapter_name not in engine.adapter_names():  # type: ignore[attr-defined]
+            engine.load_adapter(ref.adapter_name, ref.path)
+        engine.set_adapter(ref.adapter_name)
+        return engine
+
+
+def example_ids(examples: Sequence[Example]) -> list[str]:
+    return [ex.id for ex in examples]
+
+
+def validation_tasks(cfg: RunConfig) -> list[Example]:
+    """The validation tasks influence is measured on: the first ``influence.val_tasks`` of the dev split
+    (disjoint from train and test by construction for built-in tasks, by the split files otherwise)."""
+    val = examples_for(cfg.task, "dev")[: cfg.influence.val_tasks]
+    if not val:
+        raise ValueError("influence needs validation tasks: set task.dev > 0")
+    return val
+
+
+def probe_shape(cfg: RunConfig, model: ModelRef) -> dict[str, Any] | None:
+    """What θ depends on besides ``model``: the probe LoRA's shape and seed (None when θ is an adapter)."""
+    if model.kind == "adapter":
+        return None
+    return {"lora": cfg.train.lora.model_dump(mode="json"), "seed": cfg.influence.seed}
+
+
+@contextmanager
+def influence_theta(engine: Any, cfg: RunConfig, model: ModelRef) -> Iterator[str]:
+    """θ for the estimators, as an adapter name on ``engine``: the lineage's adapter when ``model`` is one
+    (it must be active), else a fresh LoRA (``train.lora``, B = 0, so the same function as the model) seeded
+    with ``influence.seed`` and removed again after the block; generation keeps using ``model``."""
+    if model.kind == "adapter":
+        yield model.adapter_name
+        return
+    name = probe_adapter(engine, cfg.train.lora, seed=cfg.influence.seed)
+    try:
+        yield name
+    finally:
+        engine.delete_adapter(name)
+
+
+@dataclass
+class StageContext:
+    """The run a stage belongs to. ``out_dir`` set: every stage writes there (single-stage commands);
+    otherwise ``run_dir/(base|iter_<i>)/<stage>[-<method>]``."""
+
+    cfg: RunConfig
+    run_dir: Path
+    holder: EngineHolder
+    force: bool = False
+    progress: bool = True
+    out_dir: Path | None = None
+    manifests: list[StageManifest] = field(default_factory=list)
+    executor: Executor | None = None
+
+    def __post_init__(self) -> None:
+        if self.executor is None:
+            self.executor = LocalExecutor(lambda: self.holder.engine)
+
+    @classmethod
+    def single(
+        cls, cfg: RunConfig, out_dir: str | Path, *, engine: Engine | None = None, progress: bool = True
+    ) -> StageContext:
+        """A context for one stage written to ``out_dir`` (the single-stage commands)."""
+        out = Path(out_dir)
+        return cls(cfg, out.parent, EngineHolder(cfg, engine), progress=progress, out_dir=out)
+
+    def stage_dir(self, stage: str, iteration: int | None, method: str | None) -> Path:
+        if self.out_dir is not None:
+            return self.out_dir
+        folder = "base" if iteration is None else f"iter_{iteration}"
+        return self.run_dir / folder / (stage if method is None else f"{stage}-{method}")
+
+    def seed(self, stage: str, iteration: int) -> int:
+        """The seed of a stage's sampling in an iteration (iteration 0 of ``dits synthesize`` included)."""
+        return derive_seed(self.cfg.seed, stage, iteration)
+
+    def activate(self, model: ModelRef) -> Engine:
+        return self.holder.activate(model)
+
+    def run(
+        self,
+        stage: str,
+        iteration: int | None,
+        method: str | None,
+        inputs: Mapping[str, Any],
+        body: Callable[[Path], Mapping[str, float]],
+    ) -> tuple[Product, StageManifest]:
+        """Run (or skip, or resume) ``body`` in the stage's directory; log and keep its manifest."""
+        stage_dir = self.stage_dir(stage, iteration, method)
+        manifest = run_stage(
+            stage_dir,
+            stage=stage,
+            iteration=iteration,
+            method=method,
+            inputs=inputs,
+            body=body,
+            ledger=lambda: self.holder.engine.ledger,
+            force=self.force,
+        )
+        self.manifests.append(manifest)
+        log.info(
+            "stage %s: %s (%.0fs, %.3g FLOPs) -> %s",
+            stage_dir.name if self.out_dir is not None else stage_dir.relative_to(self.run_dir),
+            ", ".join(f"{k}={v:g}" for k, v in manifest.counts.items()),
+            manifest.seconds,
+            manifest.ledger.get("flops", 0.0),
+            stage_dir,
+        )
+        return Product(path=str(stage_dir), digest=manifest.digest), manifest

@@ -1,0 +1,93 @@
+"""The ``evaluate`` stage: a model on the test split with one method; transcripts and a summary on disk.
+
+Transcripts are appended in chunks, so a killed evaluation resumes where it stopped; the summary is
+recomputed from the transcript file alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dits.artifacts import EVAL_SUMMARY_FILE, TRANSCRIPTS_FILE, append_jsonl, read_jsonl, write_json_atomic
+from dits.engine.base import Engine
+from dits.evaluate import EvalRecord, EvalSummary, run_method, summarize
+from dits.executor import Executor, LocalExecutor
+from dits.mas.protocol import ProtocolConfig
+from dits.stages.context import ModelRef, StageContext, example_ids
+from dits.tasks.example import Example
+
+__all__ = ["evaluate_stage", "evaluate_to_dir"]
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_to_dir(
+    engine: Engine,
+    examples: Sequence[Example],
+    method: str,
+    cfg: ProtocolConfig,
+    out_dir: str | Path,
+    *,
+    k: int = 5,
+    seed: int = 0,
+    chunk: int = 16,
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> EvalSummary:
+    """Evaluate, appending ``transcripts.jsonl`` chunk by chunk (resumable), then write ``summary.json``."""
+    out = Path(out_dir)
+    path = out / TRANSCRIPTS_FILE
+    executor = executor or LocalExecutor(lambda: engine)
+    done = {r.transcript.example_id for r in read_jsonl(path, EvalRecord)}
+    todo = [ex for ex in examples if ex.id not in done]
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=len(examples),
+        initial=len(examples) - len(todo),
+        desc=f"evaluate {method}",
+        disable=not progress,
+    )
+    parts = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
+
+    def work(eng: Engine, part: list[Example]) -> list[EvalRecord]:
+        trs = run_method(eng, part, method, cfg, k=k, seed=seed)
+        return [EvalRecord(method=method, dataset=ex.dataset, split=ex.split, transcript=tr)
+                for ex, tr in zip(part, trs, strict=True)]  # fmt: skip
+
+    for records in executor.map(work, parts):
+        append_jsonl(path, records)
+        bar.update(len(records))
+    bar.close()
+    wanted = {ex.id for ex in examples}
+    records = [r for r in read_jsonl(path, EvalRecord) if r.transcript.example_id in wanted]
+    summary = summarize(records)
+    write_json_atomic(out / EVAL_SUMMARY_FILE, summary.model_dump())
+    log.info(
+        "%s on %s/%s: metric %.3f [%.3f, %.3f], %.1f comm tokens, %d tasks in %.0fs -> %s",
+        method, summary.dataset, summary.split, summary.metric.mean, summary.metric.low, summary.metric.high,
+        summary.comm_tokens, summary.n, time.perf_counter() - t0, out,
+    )  # fmt: skip
+    return summary
+
+
+def evaluate_stage(
+    ctx: StageContext, iteration: int | None, owner: str | None, model: ModelRef, test: Sequence[Example]
+) -> None:
+    """The evaluate stage: ``model`` on ``test`` with the two-agent protocol (``iteration`` None: the
+    untrained model)."""
+    cfg = ctx.cfg
+    inputs = {"model": model.digest, "tasks": example_ids(test), **cfg.sections("protocol")}
+
+    def body(out: Path) -> dict[str, float]:
+        engine = ctx.activate(model)
+        s = evaluate_to_dir(engine, test, "mas", cfg.protocol, out, progress=ctx.progress,
+                            executor=ctx.executor)  # fmt: skip
+        return {"metric": s.metric.mean, "low": s.metric.low, "high": s.metric.high,
+                "comm_tokens": s.comm_tokens, "n": s.n}  # fmt: skip
+
+    ctx.run("evaluate", iteration, owner, inputs, body)
