@@ -97,7 +97,6 @@ def noisy_adapter(engine):
     """A loaded LoRA adapter that is not the identity ("reference = base" and "= start" then differ)."""
     from peft import LoraConfig
 
-
     name = _name("noisy")
     engine.add_adapter(name, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     gen = torch.Generator().manual_seed(0)
@@ -282,6 +281,31 @@ def test_dpo_from_an_adapter_raises_the_margin_against_that_adapter(engine, nois
         assert result.reference_tokens == 2 * pairs_tokens  # the reference forward, charged as scoring
     finally:
         _drop_adapter(engine, name)
+
+
+def test_a_fresh_lora_does_not_depend_on_the_global_rng(engine, tmp_path):
+    """The adapter a DPO run trains from scratch depends on ``train.seed`` and the data only: what the
+    process drew from torch's global generator before (which a resumed pipeline does not repeat) does
+    not change it, and the global generator is left as it was."""
+    from safetensors.torch import load_file
+
+    from dits.train.dpo import train_dpo
+
+    def train(seed: int, global_seed: int, tag: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        name = _name(tag)
+        before = torch.get_rng_state()
+        try:
+            train_dpo(engine, PAIRS, _cfg(max_steps=1).model_copy(update={"seed": seed}), tmp_path / tag,
+                      adapter_name=name)  # fmt: skip
+        finally:
+            _drop_adapter(engine, name)
+        assert torch.equal(torch.get_rng_state(), before)
+        return load_file(str(tmp_path / tag / "adapter_model.safetensors"))
+
+    a, b, other = train(0, 1, "a"), train(0, 2, "b"), train(1, 1, "c")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], other[k]) for k in a if "lora_A" in k)
 
 
 def test_dpo_loss_equals_trl_loss(engine, noisy_adapter, tmp_path):

@@ -68,6 +68,14 @@ def digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_digest(*paths: str | Path) -> str:
+    """A short hash of files' bytes (a pool given as a file, a saved adapter): their identity as an input."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
 # -- JSONL and atomic writes -----------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ the pipeline calls, so a stage gives the same artifacts from the command line an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -126,7 +125,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 def cmd_influence(args: argparse.Namespace) -> int:
     """Handler of ``dits influence``: the influence stage on a pool."""
-    from dits.artifacts import SCORES_FILE, StageIncomplete, read_jsonl
+    from dits.artifacts import SCORES_FILE, StageIncomplete, file_digest, read_jsonl
     from dits.records import InfluenceScore
     from dits.stages.context import ModelRef, StageContext
     from dits.stages.influence import influence_stage
@@ -136,9 +135,8 @@ def cmd_influence(args: argparse.Namespace) -> int:
     model = ModelRef.adapter_dir(args.adapter) if args.adapter else ModelRef.base(cfg)
     out = Path(args.out) if args.out else Path("runs") / cfg.name / "influence"
     ctx = StageContext.single(cfg, out, progress=not args.no_progress)
-    pool = hashlib.sha256(pairs.read_bytes()).hexdigest()[:16]
     try:
-        influence_stage(ctx, 0, None, model, pairs, pool, limit=args.limit)
+        influence_stage(ctx, 0, None, model, pairs, file_digest(pairs), limit=args.limit)
     except StageIncomplete as cut:
         print(f"influence ({cfg.influence.estimator}): {cut}")
         return 0

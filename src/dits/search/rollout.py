@@ -22,7 +22,7 @@ from dits.mas.protocol import ProtocolConfig, speaker_of
 from dits.reward import RewardConfig, compute_reward, t_norm_from, utterance_nlls
 from dits.search.mcts import RolloutRequest, RolloutResult
 from dits.seeding import derive_seed
-from dits.tasks.example import Example
+from dits.tasks.example import Example, examples_by_id
 
 __all__ = ["DialogueRollouter", "RolloutStats", "TNormCalibration", "calibrate_t_norm"]
 
@@ -63,7 +63,7 @@ class DialogueRollouter:
         if t_norm <= 0:
             raise ValueError(f"t_norm must be > 0, got {t_norm}")
         self.engine = engine
-        self.examples = dict(examples) if isinstance(examples, Mapping) else _by_id(examples)
+        self.examples = dict(examples) if isinstance(examples, Mapping) else examples_by_id(examples)
         self.protocol = protocol
         self.reward_cfg = reward
         self.t_norm = float(t_norm)
@@ -165,15 +165,6 @@ class DialogueRollouter:
             compute_reward(ex, tr, nlls[w], self.t_norm, self.reward_cfg).total
             for ex, tr, w in zip(examples, transcripts, where, strict=True)
         ]
-
-
-def _by_id(examples: Sequence[Example]) -> dict[str, Example]:
-    out: dict[str, Example] = {}
-    for ex in examples:
-        if ex.id in out:
-            raise ValueError(f"duplicate example id {ex.id!r}")
-        out[ex.id] = ex
-    return out
 
 
 # -- T_norm --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ the lineage's adapter, or a fresh LoRA seeded with ``influence.seed``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from dits.artifacts import StageManifest, digest, run_stage
+from dits.artifacts import StageManifest, digest, file_digest, run_stage
 from dits.config import RunConfig
 from dits.engine import Engine, engine_from_config
 from dits.executor import Executor, LocalExecutor
@@ -72,10 +71,7 @@ class ModelRef(BaseModel):
         weights = sorted(p.glob("adapter_model.*"))
         if not (p / "adapter_config.json").is_file() or not weights:
             raise FileNotFoundError(f"{p} is not an adapter directory (no adapter_config.json / weights)")
-        h = hashlib.sha256()
-        for w in [p / "adapter_config.json", *weights]:
-            h.update(w.read_bytes())
-        return cls(kind="adapter", path=str(p), digest=h.hexdigest()[:16])
+        return cls(kind="adapter", path=str(p), digest=file_digest(p / "adapter_config.json", *weights))
 
 
 class Product(BaseModel):

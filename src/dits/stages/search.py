@@ -59,7 +59,7 @@ from dits.stages.context import (
     probe_shape,
     validation_tasks,
 )
-from dits.tasks.example import Example
+from dits.tasks.example import Example, examples_by_id
 
 __all__ = ["SearchSummary", "grow_pool", "load_or_calibrate_t_norm", "prepared_guide", "search_stage"]
 
@@ -150,15 +150,6 @@ def load_or_calibrate_t_norm(
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def _unique(examples: Sequence[Example]) -> dict[str, Example]:
-    by_id: dict[str, Example] = {}
-    for ex in examples:
-        if ex.id in by_id:
-            raise ValueError(f"duplicate example id {ex.id!r}")
-        by_id[ex.id] = ex
-    return by_id
-
-
 def _with_guide(guide: InfluenceGuide | None, show: Callable[[], None]) -> OnStep:
     """The search's per-step hook: refresh the guide's Î (when guided), then the progress bar."""
 
@@ -199,7 +190,7 @@ def grow_pool(
     before = engine.ledger.snapshot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    by_id = _unique(examples)
+    by_id = examples_by_id(examples)
     pair_cfg = pairs or run_cfg.pairs
     seed = run_cfg.seed if seed is None else seed
     if run_cfg.guide.lam != 0 and guide is None and make_guide is None:
@@ -349,8 +340,8 @@ def search_stage(
     seed = ctx.seed("search", iteration)
     pair_cfg = pairs or cfg.pairs
     inputs = {"model": model.digest, "tasks": example_ids(tasks), "seed": seed,
-              **cfg.sections("protocol", "reward", "search", "rollout", "guide"),
-              "pairs": pair_cfg.model_dump(mode="json")}  # fmt: skip
+              **cfg.sections("protocol", "reward", "search", "rollout"),
+              "pairs": pair_cfg.model_dump(mode="json"), **cfg.sections("guide")}  # fmt: skip
     if cfg.guide.lam != 0:  # Î is estimated on the dev split with the influence settings
         inputs.update(cfg.sections("influence", "task"), probe=probe_shape(cfg, model))
 

@@ -7,6 +7,7 @@ names an option) instead of trusting every producer to get them right.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -92,3 +93,13 @@ class Example(BaseModel):
     def gold(self) -> str:
         """The gold answer (first of :attr:`answers`)."""
         return self.answers[0]
+
+
+def examples_by_id(examples: Sequence[Example]) -> dict[str, Example]:
+    """The examples keyed by id; a repeated id is an error (two tasks would share one tree or record)."""
+    out: dict[str, Example] = {}
+    for ex in examples:
+        if ex.id in out:
+            raise ValueError(f"duplicate example id {ex.id!r}")
+        out[ex.id] = ex
+    return out

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dits.engine.policy import TrainablePolicy
+from dits.seeding import derive_seed
 from dits.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,17 @@ REF_ADAPTER = "ref"
 
 
 def _stage_adapter(engine: TrainablePolicy, cfg: TrainConfig, init_adapter: str | None) -> None:
-    """Put the start policy under ``"default"``: a fresh LoRA, a copy of a loaded adapter, or a saved one."""
+    """Put the start policy under ``"default"``: a fresh LoRA, a copy of a loaded adapter, or a saved one.
+
+    A fresh LoRA's A is drawn from a generator seeded with ``train.seed`` (PEFT draws from the global one,
+    whose state depends on everything the process ran before), so a trained adapter depends only on its
+    config and data, whether the run was resumed or not."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     if init_adapter is None:
-        engine.add_adapter(TRAIN_ADAPTER, cfg.lora.to_peft())
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
+            engine.add_adapter(TRAIN_ADAPTER, cfg.lora.to_peft())
     elif init_adapter in engine.adapter_names():
         src_cfg = copy.deepcopy(engine.adapter_config(init_adapter))
         src_cfg.inference_mode = False
