@@ -40,6 +40,9 @@ class ScriptedEngine(Engine):
             )
         return out
 
+    def score_alone(self, texts: Sequence[str], prefix: str = "") -> list[ScoredCompletion]:
+        return self.score([[] for _ in texts], texts, prefix)
+
     def score(
         self, views: Sequence[View], completions: Sequence[str], prefix: str = ""
     ) -> list[ScoredCompletion]:

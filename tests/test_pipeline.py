@@ -204,3 +204,31 @@ def test_changed_config_of_a_finished_stage_is_refused(tmp_path):
     with pytest.raises(StageChanged, match=r"protocol\.max_turns: 9 -> 2"):
         evaluate_stage(pipe.ctx, None, None, base, [])
     shutil.rmtree(stage_dir)
+
+
+def test_the_reward_keeps_the_initial_model_after_a_full_fine_tune(monkeypatch):
+    """With ``train.full_finetune`` the run's engine is rebuilt on the fine-tuned weights; the engine the
+    stages hand the reward for its readability NLLs stays one of the initial weights."""
+    from dits.config import parse_config
+    from dits.stages.context import EngineHolder, ModelRef
+    from tests.test_rollout import SeededEngine
+
+    built: list[str | None] = []
+
+    def factory(cfg, *, model=None, ledger=None):  # type: ignore[no-untyped-def]
+        built.append(model)
+        engine = SeededEngine()
+        engine.weights = model or "initial"  # type: ignore[attr-defined]
+        return engine
+
+    monkeypatch.setattr("dits.stages.context.engine_from_config", factory)
+    holder = EngineHolder(parse_config({"train": {"full_finetune": True}}))
+    assert holder.initial() is holder.engine and holder.engine.weights == "initial"
+    holder.adopt_full("/ft/1")  # SFT trained the engine's base in place
+    assert holder.initial() is not holder.engine and holder.initial().weights == "initial"
+    full = holder.activate(ModelRef(kind="full", path="/ft/1", digest="d1"))
+    assert full is holder.engine and holder.initial().weights == "initial"
+    back = holder.activate(ModelRef(kind="base", digest="b"))  # the initial engine is reused, not rebuilt
+    assert back.weights == "initial" and back is holder.initial() and built == [None, None]
+    holder.adopt_full("/ft/2")  # a second lineage trains that engine in place: it is not initial now
+    assert holder.initial() is not back and holder.initial().weights == "initial" and len(built) == 3

@@ -60,9 +60,76 @@ def test_utterance_nlls_mean_per_token_under_base_model():
     eng = ScriptedEngine(lambda v: "")
     eng.set_adapter("trained")
     tr = _tr(["one two three", "four"], [3, 1])
-    (nlls,) = utterance_nlls(eng, [FACTS], [tr], ProtocolConfig())
+    (nlls,) = utterance_nlls(eng, [tr], ProtocolConfig())
     # fake log-probs alternate -1, -2 per token: "one two three" -> mean 4/3, "four" -> 1
     assert nlls == [pytest.approx(4 / 3), pytest.approx(1.0)]
     assert eng.active_adapter == "trained"  # restored after scoring with adapters off
     empty = _tr(["", "x"], [0, 1])
-    assert math.isnan(utterance_nlls(eng, [FACTS], [empty], ProtocolConfig())[0][0])
+    assert math.isnan(utterance_nlls(eng, [empty], ProtocolConfig())[0][0])
+
+
+def test_the_readability_term_is_clipped():
+    tiny = compute_reward(FACTS, _tr(["a b", "c"], [30, 20]), [0.01, 0.02], 100.0, RewardConfig())
+    assert tiny.read == 1.0  # 1.0 / 0.02 = 50 without the clip
+    assert compute_reward(
+        FACTS, _tr(["a b", "c"], [30, 20]), [0.01, 0.02], 100.0, RewardConfig(read_clip=60.0)
+    ).read == pytest.approx(50.0)
+
+
+# -- the real model ---------------------------------------------------------------------------------
+
+
+def _manual_nll(engine, text: str, prefix: str = "") -> float:
+    """Mean NLL of ``text`` after the raw assistant header, one unpadded forward of the bare base model:
+    no engine scoring code, no chat template call."""
+    import torch
+
+    tok = engine.tokenizer
+    head = tok("<|im_start|>assistant\n" + prefix, add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = engine.base(input_ids=torch.tensor([head + ids])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return -sum(float(logp[len(head) + j - 1, t]) for j, t in enumerate(ids)) / len(ids)
+
+
+def test_an_utterance_is_scored_alone_under_the_initial_model(engine):
+    from dits.train.config import LoraSettings
+
+    proto = ProtocolConfig(turn_prefix=True)
+    tr = _tr(["Zorvath lives in Melbrook.", "Then the answer is <A>Melbrook</A>."], [6, 9])
+    name = "reward-test"
+    engine.add_adapter(name, LoraSettings(r=2, alpha=4, target_modules=["q_proj"]).to_peft())
+    try:
+        import torch
+
+        with torch.no_grad():  # a non-zero adapter, active: the NLLs must not see it
+            for p in engine.adapter_parameters(name).values():
+                p.add_(0.05)
+        engine.set_adapter(name)
+        (nlls,) = utterance_nlls(engine, [tr], proto)
+        assert engine.active_adapter == name
+    finally:
+        engine.delete_adapter(name)
+    expected = [_manual_nll(engine, t.text, ("Alice:", "Bob:")[t.speaker]) for t in tr.turns]
+    assert nlls == pytest.approx(expected, rel=1e-4)
+
+
+def test_copying_the_notes_no_longer_outranks_a_correct_answer(engine):
+    """The measured failure: scored after the agent's view, a copy of its private notes had a near-zero
+    NLL and a readability term (up to 8.6) far above the task term, so a wrong transcript that copies
+    outranked a right one. Scored alone and clipped, the correct transcript wins."""
+    from dits.tasks.builtin import make_builtin
+
+    proto = ProtocolConfig()
+    ex = make_builtin("facts", "train", 1, seed=0, hops=1, n_distractor=0)[0]
+    notes = [c for c in ex.contexts if c]
+    copier = _tr([notes[0], notes[-1]], [40, 40], metric=0.0)
+    answer = f"<A>{ex.answers[0]}</A>"
+    correct = _tr([f"I think it is {answer}", f"Agreed, {answer}"], [40, 40], metric=1.0)
+    rewards = {}
+    for key, tr in (("copier", copier), ("correct", correct)):
+        (nll,) = utterance_nlls(engine, [tr], proto)
+        rewards[key] = compute_reward(ex, tr, nll, 100.0, RewardConfig())
+    assert rewards["correct"].total > rewards["copier"].total
+    assert max(r.read for r in rewards.values()) <= 1.0 < rewards["correct"].task + 1e-9 + 1.0

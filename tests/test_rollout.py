@@ -81,6 +81,9 @@ class SeededEngine(Engine):
             for c in completions
         ]
 
+    def score_alone(self, texts: Sequence[str], prefix: str = "") -> list[ScoredCompletion]:
+        return self.score([[] for _ in texts], texts, prefix)
+
     def load_adapter(self, name: str, path: str) -> None:
         raise NotImplementedError
 
@@ -125,7 +128,7 @@ T_NORM = 20.0
 
 
 def _reward(engine: Engine, ex: Example, tr: Transcript) -> float:
-    (nll,) = utterance_nlls(engine, [ex], [tr], PROTO)
+    (nll,) = utterance_nlls(engine, [tr], PROTO)
     return compute_reward(ex, tr, nll, T_NORM, REWARD).total
 
 
@@ -171,6 +174,9 @@ def test_one_generate_call_per_round_batched_and_independent_of_the_batch():
         assert res.metric == tr.metric
         assert res.tokens == tr.comm_tokens
         assert res.reward == pytest.approx(_reward(solo, ex, tr), abs=1e-12)
+        (nll,) = utterance_nlls(solo, [tr], PROTO)  # the terms are kept, and they are the reward's
+        assert res.terms == compute_reward(ex, tr, nll, T_NORM, REWARD).model_dump()
+        assert sum(res.terms.values()) == pytest.approx(res.reward, abs=1e-12)
 
 
 def test_terminal_prefix_gives_empty_continuation_and_the_transcripts_reward():
@@ -253,6 +259,9 @@ class CountingEngine(Engine):
     def generate(self, views, sampling, seeds=None):  # type: ignore[no-untyped-def]
         self.generate_views.append(list(views))
         return self.inner.generate(views, sampling, seeds=seeds)  # type: ignore[call-arg]
+
+    def score_alone(self, texts, prefix=""):  # type: ignore[no-untyped-def]
+        return self.inner.score_alone(texts, prefix)
 
     def score(self, views, completions, prefix=""):  # type: ignore[no-untyped-def]
         return self.inner.score(views, completions, prefix)
@@ -350,6 +359,8 @@ def test_real_search_trees_are_well_formed(real_run):
     for tree in trees:
         assert len(tree.rollouts) == 4
         for i, ro in enumerate(tree.rollouts):
+            assert set(ro.terms) == {"task", "token", "read"}  # kept in trees.jsonl for auditing
+            assert sum(ro.terms.values()) == pytest.approx(ro.reward, abs=1e-12)
             path = ro.path
             assert path[0] == ROOT_ID and path[: len(tree.path(ro.start))] == tree.path(ro.start)
             for up, down in itertools.pairwise(path):

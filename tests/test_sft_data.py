@@ -171,7 +171,7 @@ def test_build_sft_data_samples_in_one_batched_run(tmp_path):
     assert data.t_norm == pytest.approx(max(1.0, float(np.percentile(toks, 80))))
     by_id = {ex.id: ex for ex in examples}
     batch = [by_id[s.example_id] for s in data.samples]
-    nlls = utterance_nlls(SeededEngine(), batch, [s.transcript for s in data.samples], proto)
+    nlls = utterance_nlls(SeededEngine(), [s.transcript for s in data.samples], proto)
     for s, ex, nll in zip(data.samples, batch, nlls, strict=True):
         assert s.reward == pytest.approx(compute_reward(ex, s.transcript, nll, data.t_norm, reward).total)
 

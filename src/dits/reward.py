@@ -2,7 +2,8 @@
 
 ``R = R_task + λ_tok · T / T_norm + λ_read / max_i NLL_i`` with T the communication tokens, ``T_norm`` a high
 percentile of T over a calibration sample, and ``NLL_i`` the mean per-token negative log-likelihood of
-utterance i under the frozen initial model. Penalties: T ≤ 40 or an utterance cut at the token limit → the
+utterance i under the frozen initial model, each utterance scored on its own (no system prompt, no
+context), the term bounded by ``read_clip``. Penalties: T ≤ 40 or an utterance cut at the token limit → the
 token term is −1; a repeated utterance → the readability term is 0; an utterance that speaks for both
 agents → the task term is 0.
 """
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dits.engine.base import Engine
 from dits.mas.dialogue import Transcript, speaks_for_both
-from dits.mas.protocol import ProtocolConfig, render_view, turn_prefix
+from dits.mas.protocol import ProtocolConfig, turn_prefix
 from dits.tasks.example import Example
 
 # (λ_tok, λ_read) per dataset, from the Optima paper; information-exchange datasets share the first.
@@ -39,6 +40,12 @@ class RewardConfig(BaseModel):
     lambda_read: float | None = None
     t_norm_percentile: float = Field(80.0, gt=0, le=100)
     min_tokens: int = Field(40, ge=0, description="T at or below this gets token term -1")
+    read_clip: float = Field(
+        1.0,
+        gt=0,
+        description="upper bound of the readability term λ_read / max NLL: on a model whose NLLs are tiny "
+        "it would otherwise dwarf the task term (at most 1)",
+    )
 
 
 class RewardBreakdown(BaseModel):
@@ -68,28 +75,28 @@ def t_norm_from(token_counts: Sequence[int], percentile: float = 80.0) -> float:
 
 
 def utterance_nlls(
-    engine: Engine, examples: Sequence[Example], transcripts: Sequence[Transcript], cfg: ProtocolConfig
+    engine: Engine, transcripts: Sequence[Transcript], cfg: ProtocolConfig
 ) -> list[list[float]]:
-    """Mean per-token NLL of every utterance under the frozen initial model, in one batched score call.
+    """Mean per-token NLL of every utterance under the frozen initial model, in one score call per speaker.
 
-    The initial model is the engine's base with adapters disabled. Empty utterances get NaN (skipped).
+    Each utterance is scored on its own (:meth:`~dits.engine.base.Engine.score_alone`: the assistant header
+    and the forced turn prefix, no system prompt, no context), as Optima and the DITS reference do: scored
+    after the agent's view, an utterance that copies the agent's private notes gets a near-zero NLL, and
+    the readability term would then rank copying above answering. ``engine`` must run the initial model:
+    its base with adapters disabled (the caller keeps a separate engine when a full fine-tune has replaced
+    the base). Empty utterances get NaN (skipped).
     """
-    items = [
-        (i, k, render_view(ex, tr.texts[:k], turn.speaker, cfg), turn.text, turn.speaker)
-        for i, (ex, tr) in enumerate(zip(examples, transcripts, strict=True))
-        for k, turn in enumerate(tr.turns)
-    ]
     out: list[list[float]] = [[float("nan")] * len(tr.turns) for tr in transcripts]
     previous = engine.active_adapter
     engine.set_adapter(None)
     try:
-        # Score speaker by speaker so the forced turn prefix (part of the prompt) matches generation.
-        for speaker in (0, 1):
-            group = [it for it in items if it[4] == speaker]
+        for speaker in (0, 1):  # the forced turn prefix is per speaker
+            group = [(i, k, t.text) for i, tr in enumerate(transcripts) for k, t in enumerate(tr.turns)
+                     if t.speaker == speaker]  # fmt: skip
             if not group:
                 continue
-            scored = engine.score([g[2] for g in group], [g[3] for g in group], turn_prefix(speaker, cfg))
-            for (i, k, *_), sc in zip(group, scored, strict=True):
+            scored = engine.score_alone([g[2] for g in group], turn_prefix(speaker, cfg))
+            for (i, k, _), sc in zip(group, scored, strict=True):
                 if sc.logprobs:
                     out[i][k] = -float(np.mean(sc.logprobs))
     finally:
@@ -110,5 +117,5 @@ def compute_reward(
     token = -1.0 if (cfg.min_tokens >= T or any(t.truncated for t in transcript.turns)) else lt * T / t_norm
     finite = [x for x in nlls if np.isfinite(x)]
     repeated = len(set(texts)) < len(texts)
-    read = 0.0 if (repeated or not finite) else lr / max(max(finite), 1e-6)
+    read = 0.0 if (repeated or not finite) else min(lr / max(max(finite), 1e-6), cfg.read_clip)
     return RewardBreakdown(task=task, token=token, read=read)

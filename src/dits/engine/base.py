@@ -104,6 +104,12 @@ class Engine(ABC):
     ) -> list[ScoredCompletion]:
         """Log-probs of each completion's tokens given its view (with the forced ``prefix``, if any)."""
 
+    def score_alone(self, texts: Sequence[str], prefix: str = "") -> list[ScoredCompletion]:
+        """Log-probs of each text as a lone assistant turn: the chat template's assistant header (and the
+        forced ``prefix``), no system prompt, no conversation. The readability term of the reward scores
+        utterances this way, so copying one's context does not make an utterance look fluent."""
+        raise NotImplementedError(f"{type(self).__name__} does not score texts on their own")
+
     @abstractmethod
     def load_adapter(self, name: str, path: str) -> None:
         """Load a PEFT LoRA adapter from ``path`` under ``name`` (does not activate it)."""

@@ -386,7 +386,32 @@ class HFEngine(Engine):
     ) -> list[ScoredCompletion]:
         """Scoring core; with ``keep_graph`` each result also carries a differentiable ``tensor`` of
         log-probs (used by the gradient influence estimator). Grad mode and adapters are the caller's."""
-        pairs = self.tokenize_pairs(views, completions, prefix)
+        return self._score_token_pairs(self.tokenize_pairs(views, completions, prefix), keep_graph)
+
+    def assistant_header(self) -> str:
+        """What the chat template writes before an assistant turn's content (and the BOS token, if the
+        template starts with it), found as the difference between a prompt with and without the
+        generation header: template-agnostic, and without the system prompt a template may insert."""
+        probe = [{"role": "user", "content": "x"}]
+        full = self.tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+        bare = self.tokenizer.apply_chat_template(probe, add_generation_prompt=False, tokenize=False)
+        if not full.startswith(bare):
+            raise ValueError("the chat template renders a prompt differently with a generation header")
+        header, bos = full[len(bare) :], self.tokenizer.bos_token or ""
+        # A document-start token the template opens with (Llama 3's <|begin_of_text|>) goes first; one
+        # that is the turn marker itself (ChatML's <|im_start|>) is already in the header.
+        return (bos if bos and bare.startswith(bos) and not header.startswith(bos) else "") + header
+
+    def score_alone(self, texts: Sequence[str], prefix: str = "") -> list[ScoredCompletion]:
+        head = self.tokenizer(self.assistant_header() + prefix, add_special_tokens=False)["input_ids"]
+        pairs = [(list(head), self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        with torch.inference_mode(), self.adapter_scope():
+            return self._score_token_pairs(pairs, keep_graph=False)
+
+    def _score_token_pairs(
+        self, pairs: list[tuple[list[int], list[int]]], keep_graph: bool
+    ) -> list[ScoredCompletion]:
+        """(prompt ids, completion ids) scored in micro-batches bounded by ``score_token_budget``."""
         rows = sorted(
             range(len(pairs)),
             key=lambda i: (pairs[i][0][:_GROUP_KEY_TOKENS], len(pairs[i][0]) + len(pairs[i][1])),

@@ -83,6 +83,8 @@ class RolloutResult(BaseModel):
 
     continuation: list[str]
     reward: float
+    terms: dict[str, float] = Field(default_factory=dict)
+    """The reward's terms by name (``task``, ``token``, ``read``), kept so a reward can be audited."""
     metric: float = 0.0
     stop_reason: str = ""
     tokens: int = 0
@@ -286,6 +288,7 @@ def run_search(
                     nid,
                     res.continuation,
                     res.reward,
+                    terms=res.terms,
                     metric=res.metric,
                     stop_reason=res.stop_reason,
                     tokens=res.tokens,

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dits.engine.base import Engine
 from dits.mas.dialogue import Transcript, Turn, parse_turn, run_dialogues
 from dits.mas.protocol import ProtocolConfig, speaker_of
-from dits.reward import RewardConfig, compute_reward, t_norm_from, utterance_nlls
+from dits.reward import RewardBreakdown, RewardConfig, compute_reward, t_norm_from, utterance_nlls
 from dits.search.mcts import RolloutRequest, RolloutResult
 from dits.seeding import derive_seed
 from dits.tasks.example import Example, examples_by_id
@@ -59,10 +59,14 @@ class DialogueRollouter:
         *,
         temperature: float = 0.7,
         top_p: float = 1.0,
+        nll_engine: Engine | None = None,
     ) -> None:
+        """``nll_engine`` scores the readability NLLs (the initial model; default ``engine``, whose base with
+        adapters disabled is the initial model unless a full fine-tune replaced it)."""
         if t_norm <= 0:
             raise ValueError(f"t_norm must be > 0, got {t_norm}")
         self.engine = engine
+        self.nll_engine = nll_engine or engine
         self.examples = dict(examples) if isinstance(examples, Mapping) else examples_by_id(examples)
         self.protocol = protocol
         self.reward_cfg = reward
@@ -130,14 +134,15 @@ class DialogueRollouter:
             self._remember(r.task_id, tr.turns)
         rewards = self.rewards(examples, transcripts)
         results: list[RolloutResult] = []
-        for r, tr, reward in zip(requests, transcripts, rewards, strict=True):
+        for r, tr, terms in zip(requests, transcripts, rewards, strict=True):
             new = tr.texts[len(r.prefix) :]
             self.stats.utterances += len(new)
             self.stats.terminal_prefixes += int(not new)
             results.append(
                 RolloutResult(
                     continuation=new,
-                    reward=reward,
+                    reward=terms.total,
+                    terms=terms.model_dump(),
                     metric=tr.metric,
                     stop_reason=tr.stop_reason,
                     tokens=tr.comm_tokens,
@@ -147,8 +152,10 @@ class DialogueRollouter:
         self.stats.rollouts += len(requests)
         return results
 
-    def rewards(self, examples: Sequence[Example], transcripts: Sequence[Transcript]) -> list[float]:
-        """Total rewards, scoring each distinct transcript once in a single ``utterance_nlls`` call."""
+    def rewards(
+        self, examples: Sequence[Example], transcripts: Sequence[Transcript]
+    ) -> list[RewardBreakdown]:
+        """The rewards' terms, scoring each distinct transcript once in a single ``utterance_nlls`` call."""
         index: dict[tuple[str, tuple[str, ...]], int] = {}
         uniq_ex: list[Example] = []
         uniq_tr: list[Transcript] = []
@@ -160,9 +167,9 @@ class DialogueRollouter:
                 uniq_ex.append(ex)
                 uniq_tr.append(tr)
             where.append(index[key])
-        nlls = utterance_nlls(self.engine, uniq_ex, uniq_tr, self.protocol)
+        nlls = utterance_nlls(self.nll_engine, uniq_tr, self.protocol)
         return [
-            compute_reward(ex, tr, nlls[w], self.t_norm, self.reward_cfg).total
+            compute_reward(ex, tr, nlls[w], self.t_norm, self.reward_cfg)
             for ex, tr, w in zip(examples, transcripts, where, strict=True)
         ]
 

@@ -66,6 +66,8 @@ class Rollout(BaseModel):
     """Node ids root → leaf. Because of sibling merging, node texts may differ slightly from the generated
     ones; ``continuation`` keeps the generated text the reward was computed on."""
     reward: float
+    terms: dict[str, float] = Field(default_factory=dict)
+    """The reward's terms (``task``, ``token``, ``read``; empty in trees grown before they were kept)."""
     metric: float = 0.0
     stop_reason: str = ""
     tokens: int = 0
@@ -206,6 +208,7 @@ class Tree(BaseModel):
         reward: float,
         *,
         metric: float = 0.0,
+        terms: dict[str, float] | None = None,
         stop_reason: str = "",
         tokens: int = 0,
         merge_dist: float = 0.1,
@@ -222,6 +225,7 @@ class Tree(BaseModel):
             index=len(self.rollouts),
             path=path,
             reward=reward,
+            terms=dict(terms or {}),
             metric=metric,
             stop_reason=stop_reason,
             tokens=tokens,

@@ -93,6 +93,7 @@ class EngineHolder:
         self.cfg = cfg
         self._engine = engine
         self._base_path: str | None = None
+        self._initial: Engine | None = None
 
     @property
     def engine(self) -> Engine:
@@ -100,8 +101,19 @@ class EngineHolder:
             self._engine = engine_from_config(self.cfg.engine)
         return self._engine
 
+    def initial(self) -> Engine:
+        """An engine on the initial weights (the reward's readability model): the run's engine while its
+        base is the initial model, else a second engine of the initial model, kept for the run."""
+        if self._base_path is None:
+            return self.engine
+        if self._initial is None:
+            self._initial = engine_from_config(self.cfg.engine, ledger=self.engine.ledger)
+        return self._initial
+
     def adopt_full(self, path: str) -> None:
         """Full fine-tuning changed the engine's base in place: it now holds the weights saved at ``path``."""
+        if self._initial is self._engine:  # it was the initial model until now; it is not any more
+            self._initial = None
         self._base_path = path
 
     def _rebuild(self, model: str | None) -> Engine:
@@ -116,7 +128,8 @@ class EngineHolder:
         if ref.kind == "full" and self._base_path != ref.path:
             engine = self._rebuild(ref.path)
         elif ref.kind == "base" and self._base_path is not None:  # a full fine-tune replaced the base
-            engine = self._rebuild(None)
+            engine = self._initial or self._rebuild(None)
+            self._engine, self._base_path = engine, None
         if ref.kind != "adapter":
             engine.set_adapter(None)
             return engine

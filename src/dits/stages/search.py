@@ -175,6 +175,7 @@ def grow_pool(
     guide: InfluenceGuide | None = None,
     make_guide: Callable[[], AbstractContextManager[InfluenceGuide]] | None = None,
     executor: Executor | None = None,
+    nll_engine: Engine | None = None,
 ) -> SearchSummary:
     """Grow (or finish growing) one tree per example into ``out_dir/trees.jsonl``, then mine
     ``out_dir/pairs.jsonl``. Safe to call again after a crash: it continues where the file stops (the
@@ -183,7 +184,8 @@ def grow_pool(
     ``seed`` (default ``run_cfg.seed``) seeds the selections, the rollouts and the ``T_norm`` sample. With
     ``run_cfg.guide.lam != 0`` the trees select by ``Q + λ·Î`` (:mod:`dits.search.guided`): ``guide``, or
     the one ``make_guide()`` builds when the first tree is to be grown (so a finished pool prepares none).
-    ``executor`` runs the shards (default: here, on ``engine``)."""
+    ``executor`` runs the shards (default: here, on ``engine``); ``nll_engine`` runs the initial model for
+    the reward's readability NLLs (default ``engine``)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     t0 = time.perf_counter()
@@ -241,6 +243,7 @@ def grow_pool(
             cal.t_norm,
             temperature=run_cfg.rollout.temperature,
             top_p=run_cfg.rollout.top_p,
+            nll_engine=nll_engine if eng is engine else None,
         )
         live[:] = [rollouter]
         return run_search(
@@ -353,7 +356,7 @@ def search_stage(
 
         s = grow_pool(engine, tasks, cfg, out, seed=seed, pairs=pair_cfg, progress=ctx.progress,
                       shard_size=shard_size, make_guide=make_guide if cfg.guide.lam != 0 else None,
-                      executor=ctx.executor)  # fmt: skip
+                      executor=ctx.executor, nll_engine=ctx.holder.initial())  # fmt: skip
         return {"trees": s.trees, "rollouts": s.rollouts, "pairs": s.pairs}
 
     return ctx.run("search", iteration, owner, inputs, body)[0]

@@ -79,11 +79,13 @@ def sample_conversations(
     *,
     seed: int = 0,
     t_norm: float | None = None,
+    nll_engine: Engine | None = None,
 ) -> tuple[list[SampledConversation], float]:
     """``cfg.n_samples`` conversations per task in one dialogue run, rewarded with one scoring call.
 
     Without ``t_norm`` the samples themselves are the calibration sample (they are drawn at the rollout
-    temperature, as section 5 asks). Returns the samples (task-major) and the ``T_norm`` used.
+    temperature, as section 5 asks). ``nll_engine`` runs the initial model for the readability NLLs
+    (default ``engine``). Returns the samples (task-major) and the ``T_norm`` used.
     """
     cfg = cfg or SftDataConfig()
     flat = [(ex, j) for ex in examples for j in range(cfg.n_samples)]
@@ -94,7 +96,7 @@ def sample_conversations(
     )
     if t_norm is None:
         t_norm = t_norm_from([tr.comm_tokens for tr in transcripts], reward.t_norm_percentile)
-    nlls = utterance_nlls(engine, batch, transcripts, protocol)
+    nlls = utterance_nlls(nll_engine or engine, transcripts, protocol)
     samples = [
         SampledConversation(
             example_id=ex.id,
@@ -164,6 +166,7 @@ def build_sft_data(
     cfg: SftDataConfig | None = None,
     seed: int = 0,
     t_norm: float | None = None,
+    nll_engine: Engine | None = None,
 ) -> SftData:
     """Sample, reward, select, and turn the kept conversations into SFT rows; with ``out_dir``, write
     ``samples.jsonl`` (every sample and its reward), ``sft.jsonl`` (the rows) and ``sft_data.json``."""
@@ -172,7 +175,7 @@ def build_sft_data(
     if len(set(ids)) != len(ids):
         raise ValueError("duplicate example ids")
     samples, used_t_norm = sample_conversations(
-        engine, examples, protocol, reward, cfg, seed=seed, t_norm=t_norm
+        engine, examples, protocol, reward, cfg, seed=seed, t_norm=t_norm, nll_engine=nll_engine
     )
     kept = select_conversations(samples, examples, cfg)
     by_id = {ex.id: ex for ex in examples}
@@ -215,7 +218,8 @@ def sft_data_stage(
 
     def body(out: Path) -> dict[str, float]:
         engine = ctx.activate(model)
-        data = build_sft_data(engine, tasks, cfg.protocol, cfg.reward, out, cfg=cfg.sft_data, seed=seed)
+        data = build_sft_data(engine, tasks, cfg.protocol, cfg.reward, out, cfg=cfg.sft_data, seed=seed,
+                              nll_engine=ctx.holder.initial())  # fmt: skip
         return {"tasks": len(tasks), "samples": len(data.samples), "kept": len(data.kept),
                 "rows": len(data.rows)}  # fmt: skip
 
