@@ -80,15 +80,16 @@ def test_the_readability_term_is_clipped():
 
 
 def _manual_nll(engine, text: str, prefix: str = "") -> float:
-    """Mean NLL of ``text`` after the raw assistant header, one unpadded forward of the bare base model:
-    no engine scoring code, no chat template call."""
+    """Mean NLL of ``text`` after the raw assistant header, one unpadded forward of the base model with
+    every adapter off (other tests leave adapters loaded): no engine scoring code, no chat template."""
     import torch
 
     tok = engine.tokenizer
     head = tok("<|im_start|>assistant\n" + prefix, add_special_tokens=False)["input_ids"]
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logits = engine.base(input_ids=torch.tensor([head + ids])).logits[0].float()
+    engine.set_adapter(None)
+    with torch.no_grad(), engine.adapter_scope():
+        logits = engine.model(input_ids=torch.tensor([head + ids])).logits[0].float()
     logp = torch.log_softmax(logits, dim=-1)
     return -sum(float(logp[len(head) + j - 1, t]) for j, t in enumerate(ids)) / len(ids)
 

@@ -104,7 +104,7 @@ class InfluenceEstimator(ABC):
     def __init__(self, cfg: InfluenceConfig, metric_fn: MetricFn | None = None) -> None:
         self.cfg = cfg
         self.metric_fn: MetricFn = metric_fn or default_metric
-        self.engine: Any = None
+        self.engine: TrainablePolicy = None  # type: ignore[assignment]
         """The :class:`~dits.engine.policy.TrainablePolicy` θ lives on (set by :meth:`prepare`)."""
         self.adapter: str = ""
         self.examples: list[Example] = []

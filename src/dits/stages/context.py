@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from dits.artifacts import StageManifest, digest, file_digest, run_stage
 from dits.config import RunConfig
 from dits.engine import Engine, engine_from_config
+from dits.engine.policy import TrainablePolicy
 from dits.executor import Executor, LocalExecutor
 from dits.influence.inputs import probe_adapter
 from dits.seeding import derive_seed
@@ -161,7 +162,7 @@ def probe_shape(cfg: RunConfig, model: ModelRef) -> dict[str, Any] | None:
 
 
 @contextmanager
-def influence_theta(engine: Any, cfg: RunConfig, model: ModelRef) -> Iterator[str]:
+def influence_theta(engine: TrainablePolicy, cfg: RunConfig, model: ModelRef) -> Iterator[str]:
     """θ for the estimators, as an adapter name on ``engine``: the lineage's adapter when ``model`` is one
     (it must be active), else a fresh LoRA (``train.lora``, B = 0, so the same function as the model) seeded
     with ``influence.seed`` and removed again after the block; generation keeps using ``model``."""
