@@ -166,7 +166,3 @@ def load_config(
             node = node.setdefault(part, {})
         node[leaf] = value
     return parse_config(data, source)
-
-
-def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_yaml())

@@ -89,6 +89,7 @@ class HFEngine(Engine):
             "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         )
         self._prompt_cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._assistant_header: str | None = None
 
     # ------------------------------------------------------------------ prompts
 
@@ -135,14 +136,21 @@ class HFEngine(Engine):
             self.model.set_adapter(keep)
         self.model.delete_adapter(name)
 
-    def add_adapter(self, name: str, config: Any) -> None:
-        """Create a fresh (trainable) adapter from a ``peft.LoraConfig``, e.g. for training or a probe."""
+    def add_adapter(self, name: str, config: Any, *, seed: int | None = None) -> None:
+        """Create a fresh (trainable) adapter from a ``peft.LoraConfig``, e.g. for training or a probe.
+
+        PEFT draws the initial A from torch's global generator, whose state depends on everything the
+        process ran before; with ``seed`` it is drawn from a generator seeded with it instead (and the
+        global one is left as it was), so the adapter depends on the seed alone."""
         from peft import PeftModel, get_peft_model
 
-        if isinstance(self.model, PeftModel):
-            self.model.add_adapter(name, config)
-        else:
-            self.model = get_peft_model(self.base, config, adapter_name=name)
+        with torch.random.fork_rng(enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            if isinstance(self.model, PeftModel):
+                self.model.add_adapter(name, config)
+            else:
+                self.model = get_peft_model(self.base, config, adapter_name=name)
 
     def set_adapter(self, name: str | None) -> None:
         if name is not None:
@@ -403,7 +411,9 @@ class HFEngine(Engine):
         return (bos if bos and bare.startswith(bos) and not header.startswith(bos) else "") + header
 
     def score_alone(self, texts: Sequence[str], prefix: str = "") -> list[ScoredCompletion]:
-        head = self.tokenizer(self.assistant_header() + prefix, add_special_tokens=False)["input_ids"]
+        if self._assistant_header is None:
+            self._assistant_header = self.assistant_header()
+        head = self.tokenizer(self._assistant_header + prefix, add_special_tokens=False)["input_ids"]
         pairs = [(list(head), self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         with torch.inference_mode(), self.adapter_scope():
             return self._score_token_pairs(pairs, keep_graph=False)

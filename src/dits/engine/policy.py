@@ -39,8 +39,9 @@ class TrainablePolicy(Protocol):
 
     def set_adapter(self, name: str | None) -> None: ...
 
-    def add_adapter(self, name: str, config: Any) -> None:
-        """A fresh trainable adapter from a ``peft.LoraConfig``."""
+    def add_adapter(self, name: str, config: Any, *, seed: int | None = None) -> None:
+        """A fresh trainable adapter from a ``peft.LoraConfig``; with ``seed``, initialised from a
+        generator seeded with it (not from the process's global one)."""
 
     def load_adapter(self, name: str, path: str) -> None: ...
 

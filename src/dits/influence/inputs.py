@@ -9,30 +9,15 @@ drawn from a seeded generator so that a rerun builds the same θ and a resumed s
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
 
 from dits.engine.policy import TrainablePolicy
 from dits.train.config import LoraSettings
 
-__all__ = [
-    "PROBE_ADAPTER",
-    "THETA_ADAPTER",
-    "adapter_digest",
-    "load_theta",
-    "probe_adapter",
-]
+__all__ = ["PROBE_ADAPTER", "adapter_digest", "probe_adapter"]
 
 PROBE_ADAPTER = "influence-probe"
-THETA_ADAPTER = "theta"
-
-
-def _drop(engine: TrainablePolicy, name: str) -> None:
-    if name in engine.adapter_names():
-        if engine.active_adapter == name:
-            engine.set_adapter(None)
-        engine.delete_adapter(name)
 
 
 def probe_adapter(
@@ -40,20 +25,10 @@ def probe_adapter(
 ) -> str:
     """Add (or re-create) a fresh LoRA ``name`` whose initialisation depends only on ``seed``; it is not
     made active. Returns the name."""
-    _drop(engine, name)
-    with torch.random.fork_rng():  # PEFT draws A from the global generator: seed it, leave it as it was
-        torch.manual_seed(seed)
-        engine.add_adapter(name, lora.to_peft())
+    if name in engine.adapter_names():
+        engine.delete_adapter(name)
+    engine.add_adapter(name, lora.to_peft(), seed=seed)
     engine.model.eval()
-    return name
-
-
-def load_theta(engine: TrainablePolicy, path: str | Path, name: str = THETA_ADAPTER) -> str:
-    """Load a saved adapter directory as θ under ``name`` (replacing one of that name). Returns the name."""
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path} is not an adapter directory (no adapter_config.json)")
-    _drop(engine, name)
-    engine.load_adapter(name, str(path))
     return name
 
 

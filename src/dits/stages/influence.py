@@ -31,6 +31,7 @@ from dits.stages.context import (
     ModelRef,
     Product,
     StageContext,
+    example_ids,
     influence_theta,
     probe_shape,
     validation_tasks,
@@ -169,7 +170,7 @@ def influence_stage(
     ``pairs_digest``) scored on θ of ``model`` over the run's validation tasks."""
     cfg = ctx.cfg
     val = validation_tasks(cfg)
-    inputs = {"model": model.digest, "pairs": pairs_digest, "val": [ex.id for ex in val],
+    inputs = {"model": model.digest, "pairs": pairs_digest, "val": example_ids(val),
               **cfg.sections("protocol", "influence"), "probe": probe_shape(cfg, model)}  # fmt: skip
 
     def body(out: Path) -> dict[str, float]:

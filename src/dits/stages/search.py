@@ -247,7 +247,7 @@ def grow_pool(
         )
         live[:] = [rollouter]
         return run_search(
-            [ex.id for ex in shard],
+            example_ids(shard),
             rollouter,
             run_cfg.search,
             seed=seed,

@@ -171,7 +171,7 @@ def build_sft_data(
     """Sample, reward, select, and turn the kept conversations into SFT rows; with ``out_dir``, write
     ``samples.jsonl`` (every sample and its reward), ``sft.jsonl`` (the rows) and ``sft_data.json``."""
     cfg = cfg or SftDataConfig()
-    ids = [ex.id for ex in examples]
+    ids = example_ids(examples)
     if len(set(ids)) != len(ids):
         raise ValueError("duplicate example ids")
     samples, used_t_norm = sample_conversations(

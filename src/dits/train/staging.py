@@ -44,15 +44,12 @@ REF_ADAPTER = "ref"
 def _stage_adapter(engine: TrainablePolicy, cfg: TrainConfig, init_adapter: str | None) -> None:
     """Put the start policy under ``"default"``: a fresh LoRA, a copy of a loaded adapter, or a saved one.
 
-    A fresh LoRA's A is drawn from a generator seeded with ``train.seed`` (PEFT draws from the global one,
-    whose state depends on everything the process ran before), so a trained adapter depends only on its
-    config and data, whether the run was resumed or not."""
+    A fresh LoRA is seeded from ``train.seed``, not the process's global generator, so a trained adapter
+    depends only on its config and data, whether the run was resumed or not."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     if init_adapter is None:
-        with torch.random.fork_rng():
-            torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
-            engine.add_adapter(TRAIN_ADAPTER, cfg.lora.to_peft())
+        engine.add_adapter(TRAIN_ADAPTER, cfg.lora.to_peft(), seed=derive_seed(cfg.seed, "lora-init"))
     elif init_adapter in engine.adapter_names():
         src_cfg = copy.deepcopy(engine.adapter_config(init_adapter))
         src_cfg.inference_mode = False

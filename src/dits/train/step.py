@@ -159,11 +159,10 @@ def one_step(
         if ref_logps is None:
             ref_logps = reference_logps(engine, pairs)
         with _only_trainable(engine.model, params):
-            before = engine.ledger.counts.trained_tokens if engine.ledger.counts else 0
+            before = engine.ledger.snapshot()
             with engine.booked_as_training():  # the policy forward is part of the training step
                 loss = dpo_loss(engine, pairs, beta, ref_logps)
-            assert engine.ledger.counts is not None
-            trained = engine.ledger.counts.trained_tokens - before
+            trained = (engine.ledger.snapshot() - before).trained_tokens
             loss.backward()
             norms = [p.grad.norm() for p in params.values() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
