@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from dits.artifacts import read_jsonl
 from dits.cli import main
-from dits.evaluate import EvalRecord, bootstrap_ci
+from dits.evaluate import EvalRecord, bootstrap_ci, paired_bootstrap, paired_metrics
 from dits.mas.protocol import ProtocolConfig
 from dits.stages.evaluate import evaluate_to_dir
 from dits.tasks import load_examples
@@ -88,3 +89,45 @@ def test_bootstrap_interval_matches_brute_force():
     assert abs(ci.low - lo) < 0.04 and abs(ci.high - hi) < 0.04
     const = bootstrap_ci([1.0, 1.0, 1.0])
     assert (const.low, const.mean, const.high) == (1.0, 1.0, 1.0)
+
+
+def _exact_bootstrap(d: list[float]) -> tuple[float, float]:
+    """The percentile interval of the exact bootstrap distribution: every one of the n^n resamples."""
+    n = len(d)
+    means = [sum(d[i] for i in idx) / n for idx in itertools.product(range(n), repeat=n)]
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def test_paired_interval_equals_the_exact_bootstrap_of_the_differences():
+    # Two models on the same 5 tasks: they differ on tasks 0 and 3. The difference's exact bootstrap
+    # distribution is K/5 with K ~ Binomial(5, 2/5): P(K=0) = 0.078 and P(K<=4) = 0.990, so its 95%
+    # percentile interval is exactly [0, 0.8], whatever the resampling noise.
+    a, b = [1.0, 0.0, 1.0, 1.0, 0.5], [0.0, 0.0, 1.0, 0.0, 0.5]
+    ci = paired_bootstrap(a, b)
+    assert (ci.mean, ci.low, ci.high) == (pytest.approx(0.4), 0.0, pytest.approx(0.8))
+    assert _exact_bootstrap([x - y for x, y in zip(a, b, strict=True)]) == (0.0, pytest.approx(0.8))
+    # Unpaired intervals of the two means overlap; the paired one does not cross zero below.
+    assert bootstrap_ci(b).high > bootstrap_ci(a).low
+    # Graded metrics: within the resampling noise of 2000 draws of the exact distribution.
+    c, e = [0.9, 0.2, 0.7, 0.4, 1.0, 0.3], [0.5, 0.25, 0.1, 0.4, 0.6, 0.35]
+    ci = paired_bootstrap(c, e)
+    lo, hi = _exact_bootstrap([x - y for x, y in zip(c, e, strict=True)])
+    assert ci.mean == pytest.approx(np.mean(c) - np.mean(e))
+    assert abs(ci.low - lo) < 0.02 and abs(ci.high - hi) < 0.02
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_bootstrap([1.0], [1.0, 0.0])
+
+
+def test_paired_metrics_align_by_task_and_refuse_different_task_sets():
+    from dits.mas.dialogue import Transcript
+
+    def rec(eid: str, metric: float) -> EvalRecord:
+        tr = Transcript(example_id=eid, turns=[], answer="", metric=metric, stop_reason="agreed")
+        return EvalRecord(method="mas", dataset="facts", split="test", transcript=tr)
+
+    a = [rec("t2", 1.0), rec("t1", 0.0)]
+    b = [rec("t1", 0.5), rec("t2", 0.25)]
+    assert paired_metrics(a, b) == ([0.0, 1.0], [0.5, 0.25])
+    with pytest.raises(ValueError, match="different tasks"):
+        paired_metrics(a, [rec("t1", 0.5)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -73,7 +74,7 @@ TINY = {
     "pairs": {"tau": -10.0, "min_gap": 0.0},
     "influence": {"estimator": "likelihood", "chunk_size": 1, "val_tasks": 2, "samples_per_task": 1},
     "train": {"dpo": {"max_steps": 1, "batch_size": 2}},
-    "pipeline": {"recipe": "idpo", "iterations": 1, "methods": ["q", "mix"]},
+    "pipeline": {"recipe": "idpo", "iterations": 1, "methods": ["q", "q-budget", "mix"]},
 }
 
 
@@ -105,6 +106,9 @@ ARTIFACTS = [
     "iter_0/influence/scores.jsonl",
     "iter_0/select-q/selected.jsonl",
     "iter_0/select-mix/selected.jsonl",
+    "iter_0/budget-q-budget/trees.jsonl",
+    "iter_0/budget-q-budget/pool.jsonl",
+    "iter_0/select-q-budget/selected.jsonl",
     "iter_0/dpo-q/adapter_model.safetensors",
     "iter_0/dpo-mix/adapter_model.safetensors",
     "iter_0/evaluate-q/transcripts.jsonl",
@@ -158,7 +162,7 @@ def test_report_numbers_equal_a_recomputation_from_artifacts(uninterrupted):
 
     report = write_report(uninterrupted).read_text()
     rows = {(r.method, r.iteration): r for r in collect_rows(uninterrupted)}
-    assert set(rows) == {("untrained", None), ("q", 0), ("mix", 0)}
+    assert set(rows) == {("untrained", None), ("q", 0), ("q-budget", 0), ("mix", 0)}
     manifests = [json.loads(p.read_text()) for p in uninterrupted.glob("iter_0/*/manifest.json")]
     infl = next(m for m in manifests if m["stage"] == "influence")["ledger"]["flops"]
     for method in ("q", "mix"):
@@ -181,6 +185,82 @@ def test_report_numbers_equal_a_recomputation_from_artifacts(uninterrupted):
     )
     for png in ("metric_vs_tokens.png", "metric_vs_flops.png", "influence_vs_q.png"):
         assert (uninterrupted / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
+
+
+@pytest.mark.slow
+def test_results_json_is_recomputed_from_the_transcripts(uninterrupted):
+    from dits.artifacts import read_jsonl
+    from dits.evaluate import EvalRecord, paired_bootstrap
+    from dits.report import write_report
+
+    write_report(uninterrupted)
+    res = json.loads((uninterrupted / "results.json").read_text())
+    dirs = {"untrained": "base/evaluate", **{m: f"iter_0/evaluate-{m}" for m in ("q", "q-budget", "mix")}}
+    per_task = {
+        m: {r.transcript.example_id: r.transcript.metric
+            for r in read_jsonl(uninterrupted / d / "transcripts.jsonl", EvalRecord)}
+        for m, d in dirs.items()
+    }  # fmt: skip
+    assert set(res["methods"]) == set(dirs)
+    for m, metrics in per_task.items():
+        assert res["methods"][m]["metric"] == pytest.approx(sum(metrics.values()) / len(metrics))
+    got = {(c["method"], c["baseline"]): c for c in res["comparisons"]}
+    want = {("q", "untrained"), ("q-budget", "untrained"), ("mix", "untrained"), ("mix", "q"),
+            ("mix", "q-budget")}  # fmt: skip
+    assert set(got) == want
+    for (m, b), c in got.items():
+        ids = sorted(per_task[b])
+        diffs = [per_task[m][i] - per_task[b][i] for i in ids]
+        assert c["difference"] == pytest.approx(sum(diffs) / len(diffs)) and c["n"] == len(ids)
+        ci = paired_bootstrap([per_task[m][i] for i in ids], [per_task[b][i] for i in ids])
+        assert (c["low"], c["high"]) == pytest.approx((ci.low, ci.high))
+        assert f"{m} − {b}: {c['difference']:+.3f}" in (uninterrupted / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_q_budget_grows_the_extra_trees_that_cost_the_influence_stage(uninterrupted):
+    from dits.artifacts import read_jsonl, read_manifest
+    from dits.records import PreferencePair
+    from dits.search.pairs import keep_count
+    from dits.search.tree import Tree
+
+    run = uninterrupted / "iter_0"
+    search, infl, budget = (read_manifest(run / d) for d in ("search", "influence", "budget-q-budget"))
+    assert search and infl and budget and budget.counts["target_flops"] == infl.ledger["flops"]
+    pool_trees = read_jsonl(run / "search/trees.jsonl", Tree)
+    per_tree = sum(t.flops for t in pool_trees) / len(pool_trees)
+    # a tree's cost is its share of the search's FLOPs; the rest is the T_norm calibration and mining
+    assert 0 < sum(t.flops for t in pool_trees) <= search.ledger["flops"]
+    want_trees = math.ceil(infl.ledger["flops"] / per_tree)
+    trees = read_jsonl(run / "budget-q-budget/trees.jsonl", Tree)
+    assert len(trees) == budget.counts["trees"] == want_trees
+    # the extra trees are on train tasks no iteration uses: after the iteration's slice
+    from dits.config import parse_config
+    from dits.tasks.source import examples_for
+
+    train = examples_for(parse_config(TINY).task, "train", limit=2 + want_trees)
+    assert [t.task_id for t in trees] == [ex.id for ex in train[2:]]
+    base = read_jsonl(run / "search/pairs.jsonl", PreferencePair)
+    extra = read_jsonl(run / "budget-q-budget/pairs.jsonl", PreferencePair)
+    pool = read_jsonl(run / "budget-q-budget/pool.jsonl", PreferencePair)
+    assert pool == base + extra
+    # ranked by Q over the enlarged pool, keeping as many pairs as mix keeps from the shared one
+    kept = read_jsonl(run / "select-q-budget/selected.jsonl", PreferencePair)
+    k = keep_count(len(base), 0.5)
+    assert len(kept) == min(k, len(pool))
+    top = sorted(range(len(pool)), key=lambda i: (-pool[i].q_chosen, i))[: len(kept)]
+    assert kept == [pool[i] for i in sorted(top)]
+    plan = json.loads((run / "budget-q-budget/plan.json").read_text())
+    assert plan["target_flops"] == infl.ledger["flops"] and plan["trees"] == want_trees
+    assert plan["flops_per_tree"] == pytest.approx(per_tree)
+    # q-budget pays for the shared pool and its own extra search, not for the influence stage
+    from dits.report import collect_rows
+
+    row = next(r for r in collect_rows(uninterrupted) if r.method == "q-budget")
+    manifests = [json.loads(p.read_text()) for p in run.glob("*/manifest.json")]
+    assert row.flops == pytest.approx(
+        _own(manifests, None) - infl.ledger["flops"] + _own(manifests, "q-budget")
+    )
 
 
 def _own(manifests: list[dict], method: str | None) -> float:

@@ -100,3 +100,20 @@ def test_random_is_seeded_and_all_keeps_everything():
     assert select_pairs(pairs, None, SelectConfig(strategy="all")) == pairs
     with pytest.raises(ValueError):
         select_pairs(pairs, None, SelectConfig(strategy="mix"))
+
+
+def test_q_budget_ranks_by_q_and_keeps_the_count_it_is_given():
+    pairs = [_pair(0, 0.9), _pair(1, 0.5), _pair(2, 0.7), _pair(3, 0.1), _pair(4, 0.8), _pair(5, 0.2)]
+    # the ratio alone keeps 3 of 6 (n0, n4, n2); matched to mix's count of a 4-pair pool it keeps 2
+    assert _ids(select_pairs(pairs, None, SelectConfig(strategy="q-budget"))) == ["n0", "n2", "n4"]
+    assert _ids(select_pairs(pairs, None, SelectConfig(strategy="q-budget"), keep=2)) == ["n0", "n4"]
+    assert len(select_pairs(pairs, None, SelectConfig(strategy="q"), keep=9)) == 6
+
+
+def test_q_budget_without_a_scored_method_is_a_config_error():
+    from dits.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="q-budget matches the compute of a method that reads influence"):
+        parse_config({"pipeline": {"methods": ["q", "q-budget"]}})
+    methods = ["q-budget", "mix"]
+    assert parse_config({"pipeline": {"methods": methods}}).pipeline.methods == methods

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dits.engine.config import EngineConfig
 from dits.influence.base import InfluenceConfig
@@ -20,7 +20,7 @@ from dits.reward import RewardConfig
 from dits.search.guided import GuideConfig
 from dits.search.mcts import SearchConfig
 from dits.search.pairs import PairConfig
-from dits.select import SelectConfig, Strategy
+from dits.select import SelectConfig, Strategy, budget_matched, needs_scores
 from dits.tasks.example import Example
 from dits.train.config import TrainConfig
 
@@ -81,6 +81,14 @@ class PipelineConfig(_Section):
         default_factory=lambda: ["mix"], min_length=1, description="q is Optima, mix is DITS"
     )
     evaluate_base: bool = Field(True, description="also evaluate the untrained model on the test split")
+
+    @model_validator(mode="after")
+    def _budget_has_a_match(self) -> PipelineConfig:
+        if any(budget_matched(m) for m in self.methods) and not any(needs_scores(m) for m in self.methods):
+            raise ValueError(
+                "methods: q-budget matches the compute of a method that reads influence; add mix or influence"
+            )
+        return self
 
 
 class RunConfig(_Section):

@@ -67,6 +67,29 @@ def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, seed: int
     )
 
 
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95, seed: int = 0
+) -> Interval:
+    """``mean(a − b)`` over paired observations (the same test tasks under two models) with a percentile
+    bootstrap interval that resamples the pairs together: the per-task difference keeps the correlation
+    two models have on the same tasks, so the interval is narrower than two independent ones suggest."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"paired samples differ in length: {x.size} vs {y.size}")
+    return bootstrap_ci(x - y, confidence=confidence, seed=seed)
+
+
+def paired_metrics(a: Sequence[EvalRecord], b: Sequence[EvalRecord]) -> tuple[list[float], list[float]]:
+    """The per-task metrics of two evaluations, aligned by example id; both must cover the same tasks."""
+    ma = {r.transcript.example_id: r.transcript.metric for r in a}
+    mb = {r.transcript.example_id: r.transcript.metric for r in b}
+    if ma.keys() != mb.keys():
+        only = sorted(ma.keys() ^ mb.keys())
+        raise ValueError(f"the evaluations cover different tasks ({len(only)} not in both, e.g. {only[0]})")
+    ids = sorted(ma)
+    return [ma[i] for i in ids], [mb[i] for i in ids]
+
+
 def summarize(records: Sequence[EvalRecord]) -> EvalSummary:
     if not records:
         raise ValueError("no transcripts to summarise")

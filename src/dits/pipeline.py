@@ -24,7 +24,7 @@ here; a recipe is a tuple of stage names.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,9 @@ from pydantic import BaseModel
 from dits.artifacts import PAIRS_FILE, StageManifest, write_text_atomic
 from dits.config import RunConfig, load_config
 from dits.engine.base import Engine
-from dits.select import needs_scores
+from dits.search.pairs import keep_count
+from dits.select import budget_matched, needs_scores
+from dits.stages.budget import POOL_FILE, budget_stage
 from dits.stages.context import EngineHolder, ModelRef, Product, StageContext
 from dits.stages.evaluate import evaluate_stage
 from dits.stages.influence import influence_stage
@@ -81,6 +83,10 @@ class Step:
     tasks: list[Example]
     test: list[Example]
     products: dict[str, Product | None] = field(default_factory=dict)
+    budget_of: Product | None = None
+    """The influence stage a budget-matched method matches (a scored lineage's, same iteration)."""
+    first_spare: int = 0
+    """The first train task no iteration's slice and no earlier budget stage uses."""
 
     def product(self, stage: str) -> Product:
         p = self.products.get(stage)
@@ -96,8 +102,23 @@ def _influence(ctx: StageContext, s: Step) -> Product | None:
     return influence_stage(ctx, s.iteration, s.owner, s.model, search.file(PAIRS_FILE), search.digest)
 
 
+def _budget(ctx: StageContext, s: Step) -> Product | None:
+    """Only a budget-matched method (``q-budget``) grows extra trees, to match ``s.budget_of``'s
+    influence stage."""
+    (method,) = s.readers
+    if not budget_matched(method):
+        return None
+    if s.budget_of is None:
+        raise ValueError(f"{method} needs an influence stage of a scored method in this iteration")
+    return budget_stage(ctx, s.iteration, method, s.model, s.product("search"), s.budget_of, s.first_spare)
+
+
 def _select(ctx: StageContext, s: Step) -> Product:
     (method,) = s.readers
+    budget = s.products.get("budget")
+    if budget is not None:  # q-budget: the enlarged pool, keeping as many pairs as mix keeps
+        keep = keep_count(int(budget.counts["base_pairs"]), ctx.cfg.select.ratio)
+        return select_stage(ctx, s.iteration, method, budget.file(POOL_FILE), budget.digest, None, keep=keep)
     search = s.product("search")
     return select_stage(ctx, s.iteration, method, search.file(PAIRS_FILE), search.digest,
                         s.products.get("influence"))  # fmt: skip
@@ -120,6 +141,7 @@ STAGES: dict[str, StageSpec] = {
     ),
     "search": StageSpec(lambda c, s: search_stage(c, s.iteration, s.owner, s.model, s.tasks)),
     "influence": StageSpec(_influence),
+    "budget": StageSpec(_budget),
     "select": StageSpec(_select),
     "dpo": StageSpec(
         lambda c, s: train_stage(c, s.iteration, s.owner, s.model, s.product("select"), "dpo"), True
@@ -128,10 +150,10 @@ STAGES: dict[str, StageSpec] = {
 }
 RECIPES: dict[str, tuple[str, ...]] = {
     "isft": ("sft-data", "sft", "evaluate"),
-    "idpo": ("search", "influence", "select", "dpo", "evaluate"),
-    "isft-dpo": ("sft-data", "sft", "search", "influence", "select", "dpo", "evaluate"),
+    "idpo": ("search", "influence", "budget", "select", "dpo", "evaluate"),
+    "isft-dpo": ("sft-data", "sft", "search", "influence", "budget", "select", "dpo", "evaluate"),
 }
-SHARED_UNTIL = "select"
+SHARED_UNTIL = "budget"
 """In iteration 0, stages before this one are shared by all methods (same model, same tasks)."""
 
 
@@ -183,16 +205,20 @@ class Pipeline:
             evaluate_stage(ctx, None, None, base, test)
         recipe = RECIPES[cfg.pipeline.recipe]
         cut = recipe.index(SHARED_UNTIL) if SHARED_UNTIL in recipe else len(recipe)
-        methods: Sequence[str | None] = (
+        methods: list[str | None] = (
             [None] if "select" not in recipe else list(dict.fromkeys(cfg.pipeline.methods))
         )
+        methods.sort(key=lambda m: m is not None and budget_matched(m))  # after those they match
         everyone = frozenset(m for m in methods if m is not None)
         models: dict[str | None, ModelRef] = dict.fromkeys(methods, base)
+        first_spare = cfg.task.train * cfg.pipeline.iterations
         for it in range(cfg.pipeline.iterations):
             tasks = iteration_tasks(cfg, it)
             shared: dict[str, Any] = {}
+            scored: Product | None = None  # the first scored lineage's influence stage this iteration
             for method in methods:
-                step = Step(it, method, everyone, models[method], tasks, test)
+                step = Step(it, method, everyone, models[method], tasks, test, budget_of=scored,
+                            first_spare=first_spare)  # fmt: skip
                 for index, stage in enumerate(recipe):
                     step.owner = None if (it == 0 and index < cut) or method is None else method
                     step.readers = everyone if step.owner is None else frozenset({method} - {None})
@@ -207,5 +233,9 @@ class Pipeline:
                         step.model = result
                     else:
                         step.products[stage] = result
+                if method is not None and needs_scores(method) and scored is None:
+                    scored = step.products.get("influence")
+                if step.products.get("budget") is not None:
+                    first_spare += int(step.products["budget"].counts["trees"])
                 models[method] = step.model
         return RunResult(run_dir=str(self.run_dir), manifests=ctx.manifests)

@@ -1,10 +1,13 @@
-"""``dits report RUN``: a markdown table and PNG plots built only from a run directory's artifacts.
+"""``dits report RUN``: a markdown table, paired comparisons and PNG plots built only from a run's artifacts.
 
 Per method and iteration: the test metric with its 95% bootstrap interval, mean communication tokens, pairs
 kept, and the ledger FLOPs of that method's lineage so far (every non-evaluation stage it depends on,
 shared stages included: the synthesized pool is charged to every method, its influence scores to each
-method that read them). Plots: metric vs. communication tokens, metric vs. FLOPs per iteration, and
-influence vs. Q(best) of the candidate pairs.
+method that read them). Comparisons, on each method's last iteration: every trained method against the
+untrained model, and every method that reads influence against every one that does not, each as the mean
+per-task difference with a paired bootstrap interval over the same test tasks. The same figures go to
+``results.json`` (:class:`Results`). Plots: metric vs. communication tokens, metric vs. FLOPs per iteration,
+and influence vs. Q(best) of the candidate pairs.
 """
 
 from __future__ import annotations
@@ -18,15 +21,21 @@ from pydantic import BaseModel
 from dits.artifacts import (
     PAIRS_FILE,
     SCORES_FILE,
+    TRANSCRIPTS_FILE,
     StageManifest,
     read_jsonl,
     read_manifest,
+    write_json_atomic,
     write_text_atomic,
 )
+from dits.evaluate import EvalRecord, paired_bootstrap, paired_metrics
+from dits.ledger import COUNTERS
 from dits.records import InfluenceScore, PreferencePair, pair_key
 from dits.select import needs_scores
 
 REPORT_FILE = "report.md"
+RESULTS_FILE = "results.json"
+UNTRAINED = "untrained"
 _ITER = re.compile(r"^iter_(\d+)$")
 
 
@@ -41,6 +50,45 @@ class Row(BaseModel):
     n: int
     pairs_kept: int | None
     flops: float
+    tokens: float
+    """Ledger tokens of the lineage (every kind: prompt, generated, scored, trained), as ``flops``."""
+    eval_dir: str
+    """The evaluate stage's directory, relative to the run."""
+
+
+class Comparison(BaseModel):
+    """``method − baseline`` on the same test tasks: mean per-task difference, paired 95% interval."""
+
+    method: str
+    baseline: str
+    iteration: int | None
+    difference: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def sentence(self) -> str:
+        verdict = (
+            f"the interval excludes zero: {self.method} is {'better' if self.low > 0 else 'worse'}"
+            if self.excludes_zero
+            else "the interval includes zero: no difference is shown"
+        )
+        return (
+            f"{self.method} − {self.baseline}: {self.difference:+.3f} [{self.low:+.3f}, {self.high:+.3f}] "
+            f"over {self.n} tasks; {verdict}."
+        )
+
+
+class Results(BaseModel):
+    """``results.json``: each method's last evaluation and the paired comparisons between them."""
+
+    run: str
+    methods: dict[str, Row]
+    comparisons: list[Comparison]
 
 
 def stage_manifests(run_dir: Path) -> list[tuple[str, StageManifest]]:
@@ -64,20 +112,62 @@ def collect_rows(run_dir: Path) -> list[Row]:
     manifests = stage_manifests(run_dir)
     methods = sorted({m.method for _, m in manifests if m.method is not None})
     rows: list[Row] = []
-    for _, m in manifests:
+    for where, m in manifests:
         if m.stage == "evaluate" and m.iteration is None:
-            rows.append(_row("untrained", None, m, None, 0.0))
+            rows.append(_row(UNTRAINED, None, m, None, {}, where))
     for method in methods or [None]:
-        flops = 0.0
+        spent: dict[str, float] = {}
         iterations = sorted({m.iteration for _, m in manifests if m.iteration is not None})
         for it in iterations:
-            mine = [m for _, m in manifests if m.iteration == it and m.method in (None, method)]
-            flops += sum(m.ledger.get("flops", 0.0) for m in mine if _charged(m, method))
-            kept = next((int(m.counts["kept"]) for m in mine if m.stage == "select"), None)
-            for m in mine:
+            mine = [(w, m) for w, m in manifests if m.iteration == it and m.method in (None, method)]
+            for _, m in mine:
+                if _charged(m, method):
+                    for key, value in m.ledger.items():
+                        spent[key] = spent.get(key, 0.0) + value
+            kept = next((int(m.counts["kept"]) for _, m in mine if m.stage == "select"), None)
+            for where, m in mine:
                 if m.stage == "evaluate":
-                    rows.append(_row(method or "model", it, m, kept, flops))
+                    rows.append(_row(method or "model", it, m, kept, spent, where))
     return rows
+
+
+def last_rows(rows: list[Row]) -> dict[str, Row]:
+    """Each method's row of its last iteration (the untrained model's one row)."""
+    out: dict[str, Row] = {}
+    for r in rows:
+        if r.method not in out or (r.iteration or 0) >= (out[r.method].iteration or 0):
+            out[r.method] = r
+    return out
+
+
+def compare(run_dir: Path, method: Row, baseline: Row) -> Comparison:
+    """``method − baseline`` from the two evaluations' transcripts, paired by task."""
+    a = read_jsonl(run_dir / method.eval_dir / TRANSCRIPTS_FILE, EvalRecord)
+    b = read_jsonl(run_dir / baseline.eval_dir / TRANSCRIPTS_FILE, EvalRecord)
+    xa, xb = paired_metrics(a, b)
+    ci = paired_bootstrap(xa, xb)
+    return Comparison(method=method.method, baseline=baseline.method, iteration=method.iteration,
+                      difference=ci.mean, low=ci.low, high=ci.high, n=len(xa))  # fmt: skip
+
+
+def comparisons(run_dir: Path, rows: list[Row]) -> list[Comparison]:
+    """Every trained method against the untrained model; every method that reads influence against
+    every trained one that does not (DITS against each Optima variant)."""
+    last = last_rows(rows)
+    trained = [r for m, r in last.items() if m != UNTRAINED]
+    out = [compare(run_dir, r, last[UNTRAINED]) for r in trained if UNTRAINED in last]
+    for r in trained:
+        if needs_scores(r.method):
+            out += [
+                compare(run_dir, r, o) for o in trained if o.method != r.method and not needs_scores(o.method)
+            ]
+    return out
+
+
+def results(run_dir: Path, rows: list[Row] | None = None) -> Results:
+    """The figures of ``results.json`` (``rows``: :func:`collect_rows` of the run, if already read)."""
+    rows = collect_rows(run_dir) if rows is None else rows
+    return Results(run=run_dir.name, methods=last_rows(rows), comparisons=comparisons(run_dir, rows))
 
 
 def _charged(m: StageManifest, method: str | None) -> bool:
@@ -88,10 +178,14 @@ def _charged(m: StageManifest, method: str | None) -> bool:
     return not (m.stage == "influence" and m.method is None and not needs_scores(method or ""))
 
 
-def _row(method: str, it: int | None, m: StageManifest, kept: int | None, flops: float) -> Row:
+def _row(
+    method: str, it: int | None, m: StageManifest, kept: int | None, spent: dict[str, float], where: str
+) -> Row:
     c = m.counts
     return Row(method=method, iteration=it, metric=c["metric"], low=c["low"], high=c["high"],
-               comm_tokens=c["comm_tokens"], n=int(c["n"]), pairs_kept=kept, flops=flops)  # fmt: skip
+               comm_tokens=c["comm_tokens"], n=int(c["n"]), pairs_kept=kept,
+               flops=spent.get("flops", 0.0), tokens=sum(spent.get(k, 0.0) for k in COUNTERS),
+               eval_dir=where)  # fmt: skip
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -173,12 +267,27 @@ def _plots(run_dir: Path, rows: list[Row]) -> list[tuple[str, str]]:
     return made
 
 
+def comparison_table(comps: list[Comparison]) -> str:
+    lines = [
+        "| method | baseline | iteration | difference | paired 95% CI | tasks |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in comps:
+        it = "-" if c.iteration is None else str(c.iteration)
+        ci = f"[{c.low:+.3f}, {c.high:+.3f}]"
+        lines.append(f"| {c.method} | {c.baseline} | {it} | {c.difference:+.3f} | {ci} | {c.n} |")
+    return "\n".join(lines)
+
+
 def write_report(run_dir: Path) -> Path:
-    """Write ``run_dir/report.md`` (and its PNGs) from the run's artifacts; return its path."""
+    """Write ``run_dir/report.md`` (and its PNGs) and ``run_dir/results.json`` from the run's artifacts;
+    return the report's path."""
     rows = collect_rows(run_dir)
     if not rows:
         raise FileNotFoundError(f"{run_dir} has no finished evaluation stage to report")
     stages = stage_manifests(run_dir)
+    res = results(run_dir, rows)
+    write_json_atomic(run_dir / RESULTS_FILE, res.model_dump(mode="json"))
     parts = [
         f"# Run `{run_dir.name}`",
         "",
@@ -188,6 +297,18 @@ def write_report(run_dir: Path) -> Path:
         markdown_table(rows),
         "",
     ]
+    if res.comparisons:
+        parts += [
+            "## Paired comparisons",
+            "",
+            "Mean per-task difference of the test metric on the same test tasks, with a paired bootstrap "
+            "95% interval (each method's last iteration).",
+            "",
+            comparison_table(res.comparisons),
+            "",
+            *[f"- {c.sentence()}" for c in res.comparisons],
+            "",
+        ]
     for title, name in _plots(run_dir, rows):
         parts += [f"![{title}]({name})", ""]
     parts += ["## Stages", "", "| stage | counts | FLOPs | seconds |", "|---|---|---|---|"]

@@ -1,6 +1,7 @@
 """Which mined pairs to train on (DESIGN.md section 7, "Selection").
 
-Strategies: ``all``; ``random`` (seeded); ``q`` (Optima: by Q of the chosen utterance); ``influence`` (by the
+Strategies: ``all``; ``random`` (seeded); ``q`` (Optima: by Q of the chosen utterance); ``q-budget`` (as
+``q``, from a pool grown at DITS's compute, :mod:`dits.stages.budget`); ``influence`` (by the
 estimated influence of the pair's chunk); ``mix`` (default: ``norm(Q_best) + w · norm(I)``). All but ``all``
 keep ``max(1, floor(n · ratio))`` of n pairs (the reference rounding, so one pair is never dropped). A chunk's
 score applies to every pair in it. Ranking ties go to the earlier pair, and the kept pairs come back in
@@ -20,8 +21,10 @@ from dits.records import InfluenceScore, PreferencePair, pair_key
 from dits.search.pairs import keep_count
 
 __all__ = [
+    "BUDGET_MATCHED",
     "SelectConfig",
     "Strategy",
+    "budget_matched",
     "minmax",
     "needs_scores",
     "pair_influence",
@@ -29,15 +32,22 @@ __all__ = [
     "selection_values",
 ]
 
-Strategy = Literal["all", "random", "q", "influence", "mix"]
+Strategy = Literal["all", "random", "q", "q-budget", "influence", "mix"]
 """A new strategy is added here, to :func:`selection_values` and, if it reads influence, to
 :data:`SCORED`."""
 SCORED: frozenset[str] = frozenset({"influence", "mix"})
 """The strategies that read influence scores (so an influence stage must run before them)."""
+BUDGET_MATCHED: frozenset[str] = frozenset({"q-budget"})
+"""Optima given DITS's compute: ranks by Q like ``q``, from a pool grown with the extra search that costs
+what a scored method's influence stage cost (:mod:`dits.stages.budget`)."""
 
 
 def needs_scores(strategy: str) -> bool:
     return strategy in SCORED
+
+
+def budget_matched(strategy: str) -> bool:
+    return strategy in BUDGET_MATCHED
 
 
 class SelectConfig(BaseModel):
@@ -91,7 +101,7 @@ def selection_values(
 ) -> list[float]:
     """The value each pair is ranked by under ``cfg.strategy`` (``q``, ``influence``, ``mix``)."""
     q = [p.q_chosen for p in pairs]
-    if cfg.strategy == "q":
+    if cfg.strategy in ("q", "q-budget"):
         return q
     if scores is None:
         raise ValueError(f"strategy {cfg.strategy!r} needs influence scores")
@@ -107,13 +117,16 @@ def select_pairs(
     pairs: Sequence[PreferencePair],
     scores: Sequence[InfluenceScore] | Sequence[float] | None,
     cfg: SelectConfig | None = None,
+    *,
+    keep: int | None = None,
 ) -> list[PreferencePair]:
-    """The pairs to train on, in their given order."""
+    """The pairs to train on, in their given order; ``keep`` overrides the ratio's count (``q-budget``
+    keeps as many as ``mix`` keeps from the smaller pool)."""
     cfg = cfg or SelectConfig()
     pairs = list(pairs)
     if cfg.strategy == "all" or not pairs:
         return pairs
-    k = keep_count(len(pairs), cfg.ratio)
+    k = keep_count(len(pairs), cfg.ratio) if keep is None else min(keep, len(pairs))
     if cfg.strategy == "random":
         chosen = random.Random(cfg.seed).sample(range(len(pairs)), k)
     else:

@@ -91,6 +91,10 @@ class Tree(BaseModel):
     rollouts: list[Rollout] = Field(default_factory=list)
     selected: list[str] = Field(default_factory=list)
     """The node selected at each explore step, in step order (the reference filter reads it)."""
+    flops: float = 0.0
+    """What growing it cost: the ledger FLOPs of its shard, split evenly over the shard's trees. Stored
+    with the tree, so a resumed search still knows what its earlier trees cost (``q-budget`` prices extra
+    trees with it)."""
 
     @model_validator(mode="after")
     def _check_structure(self) -> Tree:

@@ -76,10 +76,11 @@ class ModelRef(BaseModel):
 
 
 class Product(BaseModel):
-    """A finished stage's directory and digest."""
+    """A finished stage's directory, digest and counts."""
 
     path: str
     digest: str
+    counts: dict[str, float] = {}
 
     def file(self, name: str) -> Path:
         return Path(self.path) / name
@@ -244,4 +245,4 @@ class StageContext:
             manifest.ledger.get("flops", 0.0),
             stage_dir,
         )
-        return Product(path=str(stage_dir), digest=manifest.digest), manifest
+        return Product(path=str(stage_dir), digest=manifest.digest, counts=manifest.counts), manifest

@@ -35,7 +35,7 @@ def evaluate_to_dir(
     *,
     k: int = 5,
     seed: int = 0,
-    chunk: int = 16,
+    chunk: int = 64,
     progress: bool = True,
     executor: Executor | None = None,
 ) -> EvalSummary:

@@ -246,7 +246,8 @@ def grow_pool(
             nll_engine=nll_engine if eng is engine else None,
         )
         live[:] = [rollouter]
-        return run_search(
+        start = eng.ledger.snapshot()
+        trees = run_search(
             example_ids(shard),
             rollouter,
             run_cfg.search,
@@ -254,6 +255,8 @@ def grow_pool(
             value_fn=guide if guide is not None else q_value,
             on_step=_with_guide(guide, show),
         )
+        share = eng.ledger.flops(eng.ledger.snapshot() - start) / len(trees)
+        return [tree.model_copy(update={"flops": share}) for tree in trees]
 
     show()
     try:

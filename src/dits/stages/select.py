@@ -48,9 +48,12 @@ def select_to_dir(
     scores: str | Path | Sequence[InfluenceScore] | None,
     cfg: SelectConfig,
     out_dir: str | Path,
+    *,
+    keep: int | None = None,
 ) -> SelectSummary:
     """Select from ``pairs`` (a ``pairs.jsonl`` or the pairs) with ``cfg`` and write ``selected.jsonl``
-    under ``out_dir``. ``scores``: a ``scores.jsonl`` or the scores (``influence``/``mix``)."""
+    under ``out_dir``. ``scores``: a ``scores.jsonl`` or the scores (``influence``/``mix``); ``keep``: how
+    many to keep instead of the ratio's count."""
     pool = read_jsonl(pairs, PreferencePair, repair=False) if isinstance(pairs, str | Path) else list(pairs)
     if isinstance(scores, str | Path):
         scores = read_jsonl(scores, InfluenceScore, repair=False)
@@ -60,7 +63,7 @@ def select_to_dir(
             "run on the same pairs"
         )
     try:
-        kept = select_pairs(pool, scores, cfg)
+        kept = select_pairs(pool, scores, cfg, keep=keep)
     except KeyError as err:  # pairs without a score: a partial or foreign scores file
         raise ValueError(
             f"{err.args[0]}; were the scores computed on these pairs, and did `dits influence` finish?"
@@ -87,17 +90,22 @@ def select_stage(
     pairs_digest: str,
     scores: Product | None,
     cfg: SelectConfig | None = None,
+    *,
+    keep: int | None = None,
 ) -> Product:
-    """The select stage of ``method`` (the strategy it names, with ``select``'s ratio and weight)."""
+    """The select stage of ``method`` (the strategy it names, with ``select``'s ratio and weight; ``keep``
+    pairs instead of the ratio's count when given)."""
     sel = cfg or ctx.cfg.select.model_copy(update={"strategy": method})
     needs = needs_scores(sel.strategy)
     if needs and scores is None:
         raise ValueError(f"strategy {sel.strategy!r} needs an influence stage before select")
     inputs = {"pairs": pairs_digest, "scores": scores.digest if needs and scores else None,
               "select": sel.model_dump(mode="json")}  # fmt: skip
+    if keep is not None:
+        inputs["keep"] = keep
 
     def body(out: Path) -> dict[str, float]:
-        s = select_to_dir(pairs, scores.file(SCORES_FILE) if needs and scores else None, sel, out)
+        s = select_to_dir(pairs, scores.file(SCORES_FILE) if needs and scores else None, sel, out, keep=keep)
         return {"pool": s.total, "kept": s.kept, "mean_q_kept": s.mean_q_kept}
 
     return ctx.run("select", iteration, method, inputs, body)[0]

@@ -1,8 +1,8 @@
 """The ``sft-data`` stage (iSFT, DESIGN.md section 7b): best-of-n conversations per task, filtered, as SFT
 rows.
 
-Per task, ``n`` conversations are sampled at temperature 0.7 (all tasks and samples in ONE batched dialogue
-run, each with its own seed, so a sample does not depend on its batch) and rewarded with the Optima
+Per task, ``n`` conversations are sampled at temperature 0.7 (tasks and samples in large batched dialogue
+runs, each with its own seed, so a sample does not depend on its batch) and rewarded with the Optima
 reward. The best one of each task is kept if its reward reaches the threshold (0.5 information exchange,
 0.6 debate), and of those the top fraction (0.7) by reward. Each kept conversation gives one row per
 agent turn in TRL's conversational prompt-completion format: ``prompt`` is the renderer's view for that
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
 
 from dits.artifacts import SAMPLES_FILE, SFT_FILE, SFT_SUMMARY_FILE, write_jsonl_atomic, write_text_atomic
 from dits.config import SftDataConfig
@@ -80,8 +81,11 @@ def sample_conversations(
     seed: int = 0,
     t_norm: float | None = None,
     nll_engine: Engine | None = None,
+    progress: bool = False,
+    batch: int = 256,
 ) -> tuple[list[SampledConversation], float]:
-    """``cfg.n_samples`` conversations per task in one dialogue run, rewarded with one scoring call.
+    """``cfg.n_samples`` conversations per task in batched dialogue runs of ``batch`` conversations (a
+    progress bar counts them), rewarded with one scoring call.
 
     Without ``t_norm`` the samples themselves are the calibration sample (they are drawn at the rollout
     temperature, as section 5 asks). ``nll_engine`` runs the initial model for the readability NLLs
@@ -89,11 +93,14 @@ def sample_conversations(
     """
     cfg = cfg or SftDataConfig()
     flat = [(ex, j) for ex in examples for j in range(cfg.n_samples)]
-    batch = [ex for ex, _ in flat]
     seeds = [derive_seed("dits.sft", seed, ex.id, j) for ex, j in flat]
-    transcripts = run_dialogues(
-        engine, batch, protocol, temperature=cfg.temperature, top_p=cfg.top_p, seeds=seeds
-    )
+    transcripts: list[Transcript] = []
+    with tqdm(total=len(flat), unit="conv", desc="sft-data", disable=not progress) as bar:
+        for i in range(0, len(flat), batch):
+            part = [ex for ex, _ in flat[i : i + batch]]
+            transcripts += run_dialogues(engine, part, protocol, temperature=cfg.temperature,
+                                         top_p=cfg.top_p, seeds=seeds[i : i + batch])  # fmt: skip
+            bar.update(len(part))
     if t_norm is None:
         t_norm = t_norm_from([tr.comm_tokens for tr in transcripts], reward.t_norm_percentile)
     nlls = utterance_nlls(nll_engine or engine, transcripts, protocol)
@@ -167,6 +174,7 @@ def build_sft_data(
     seed: int = 0,
     t_norm: float | None = None,
     nll_engine: Engine | None = None,
+    progress: bool = False,
 ) -> SftData:
     """Sample, reward, select, and turn the kept conversations into SFT rows; with ``out_dir``, write
     ``samples.jsonl`` (every sample and its reward), ``sft.jsonl`` (the rows) and ``sft_data.json``."""
@@ -175,7 +183,15 @@ def build_sft_data(
     if len(set(ids)) != len(ids):
         raise ValueError("duplicate example ids")
     samples, used_t_norm = sample_conversations(
-        engine, examples, protocol, reward, cfg, seed=seed, t_norm=t_norm, nll_engine=nll_engine
+        engine,
+        examples,
+        protocol,
+        reward,
+        cfg,
+        seed=seed,
+        t_norm=t_norm,
+        nll_engine=nll_engine,
+        progress=progress,
     )
     kept = select_conversations(samples, examples, cfg)
     by_id = {ex.id: ex for ex in examples}
@@ -219,7 +235,7 @@ def sft_data_stage(
     def body(out: Path) -> dict[str, float]:
         engine = ctx.activate(model)
         data = build_sft_data(engine, tasks, cfg.protocol, cfg.reward, out, cfg=cfg.sft_data, seed=seed,
-                              nll_engine=ctx.holder.initial())  # fmt: skip
+                              nll_engine=ctx.holder.initial(), progress=ctx.progress)  # fmt: skip
         return {"tasks": len(tasks), "samples": len(data.samples), "kept": len(data.kept),
                 "rows": len(data.rows)}  # fmt: skip
 
