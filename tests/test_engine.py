@@ -146,3 +146,31 @@ def test_zero_adapter_is_identity_and_nonzero_changes(engine, tmp_path):
     engine.delete_adapter("zero")
     assert engine.model is engine.base
     assert engine.score(VIEWS[:1], ["The answer is 5"])[0].logprobs == base_score
+
+
+def test_growing_cache_holds_what_dynamic_cache_holds():
+    """The in-place KV buffer returns exactly the keys/values transformers' concatenating cache does,
+    through prefill, decode steps past its capacity, row selection and repetition."""
+    from transformers import DynamicCache
+
+    from dits.engine.hf import _GrowingCache
+
+    gen = torch.Generator().manual_seed(0)
+    ours, ref = _GrowingCache(), DynamicCache()
+
+    def step(n: int, rows: int) -> None:
+        k, v = torch.randn(rows, 3, n, 4, generator=gen), torch.randn(rows, 3, n, 4, generator=gen)
+        got, want = ours.update(k, v, 0), ref.update(k, v, 0)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+    step(5, 1)
+    ours.batch_repeat_interleave(4)
+    ref.batch_repeat_interleave(4)
+    for _ in range(40):  # beyond the first buffer's capacity (2 * 6 + 16)
+        step(1, 4)
+    sel = torch.tensor([0, 2])
+    ours.batch_select_indices(sel)
+    ref.batch_select_indices(sel)
+    step(3, 2)
+    step(1, 2)
+    assert ours.get_seq_length() == ref.get_seq_length() == 5 + 40 + 4

@@ -165,7 +165,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 def _finish(cfg: Any, args: argparse.Namespace) -> int:
     from dits.artifacts import StageChanged
     from dits.pipeline import Pipeline
-    from dits.report import write_report
+    from dits.report import RESULTS_FILE, write_report
 
     try:
         result = Pipeline(cfg, args.runs_dir, force=args.force, progress=not args.no_progress).run()
@@ -173,7 +173,8 @@ def _finish(cfg: Any, args: argparse.Namespace) -> int:
         raise SystemExit(str(err)) from None
     report = write_report(Path(result.run_dir))
     print(report.read_text(encoding="utf-8"))
-    print(f"run artifacts: {Path(result.run_dir).resolve()}\nreport: {report.resolve()}")
+    run_dir = Path(result.run_dir).resolve()
+    print(f"run artifacts: {run_dir}\nreport: {report.resolve()}\nresults: {run_dir / RESULTS_FILE}")
     return 0
 
 

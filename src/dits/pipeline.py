@@ -7,13 +7,16 @@ Directory layout under ``runs/<name>/``::
     iter_<i>/<stage>/                a stage shared by every method (iteration 0, before selection)
     iter_<i>/<stage>-<method>/       a stage of one method's lineage
 
-Every method starts from the same model; in iteration 0 the stages before ``select`` (sft-data, sft,
+Every method starts from the same model; in iteration 0 the stages before ``budget`` (sft-data, sft,
 search, influence) are run once and shared, so Optima (``q``) and DITS (``mix``) are trained on the same
-synthesized pool. From ``select`` on, and in every later iteration, each method has its own stages.
+synthesized pool. From ``budget`` on, and in every later iteration, each method has its own stages; the
+``budget`` stage does work only for ``q-budget`` (Optima given the compute of the iteration's first
+influence-reading method, :mod:`dits.stages.budget`), which therefore runs after the methods it matches.
 
 Iteration ``i`` draws its training tasks from slice ``i`` of the train split (``task.train`` tasks per
-iteration), so no iteration searches a task an earlier one trained on. Influence is measured on the dev
-split, evaluation on the test split; the three are disjoint.
+iteration), so no iteration searches a task an earlier one trained on; ``q-budget``'s extra trees take the
+train tasks after all iterations' slices, each budget stage after the last. Influence is measured on the
+dev split, evaluation on the test split; the three are disjoint.
 
 The loop knows no stage by name: :data:`STAGES` maps each name to a function of the context and the
 lineage's :class:`Step` (its model, its tasks, the products of the stages before), and to whether it
@@ -54,16 +57,24 @@ log = logging.getLogger(__name__)
 DEMO: dict[str, Any] = {
     "name": "demo",
     "seed": 0,
-    "task": {"dataset": "facts", "train": 16, "dev": 8, "test": 32},
+    "task": {"dataset": "facts", "train": 24, "dev": 8, "test": 128},
     "protocol": {"max_turns": 4, "max_new_tokens": 32},
+    "sft_data": {"n_samples": 4, "keep_fraction": 1.0},
     "search": {"explore": 2, "expand": 2},
     "influence": {"estimator": "gradient", "chunk_size": 2, "val_tasks": 8, "samples_per_task": 2},
-    "train": {"dpo": {"lr": 1e-4, "epochs": 2, "batch_size": 4}},
+    # One row per micro-batch: TRL's peak memory on this model grows ~1.5 GB (SFT) / 2.2 GB (DPO) per row of a
+    # micro-batch (peak 5.6 vs 2.1 GB and 9.5 vs 3.2 GB for batch 4x1 vs 1x4, same loss, faster).
+    "train": {
+        "sft": {"lr": 2e-4, "epochs": 3, "batch_size": 1, "grad_accum": 4},
+        "dpo": {"lr": 1e-4, "epochs": 2, "batch_size": 1, "grad_accum": 4},
+    },
     "select": {"ratio": 0.5},
-    "pipeline": {"recipe": "idpo", "iterations": 1, "methods": ["q", "mix"]},
+    "pipeline": {"recipe": "isft-dpo", "iterations": 1, "methods": ["q", "q-budget", "mix"]},
 }
-"""The demo: Optima (``q``) and DITS (``mix``) trained from one pool on the embedded model and the
-built-in information-exchange task, small enough for a 2-core laptop (DESIGN.md section 10)."""
+"""The demo: iSFT, then Optima (``q``), Optima at DITS's compute (``q-budget``) and DITS (``mix``) trained
+from one pool, on the embedded model and the built-in information-exchange task, sized for a 2-core laptop
+(DESIGN.md section 10). Every qualifying best-of-4 conversation is kept for iSFT (``keep_fraction`` 1.0):
+the untrained model solves few tasks, and the rows are what teaches the format."""
 
 
 def demo_config(overrides: dict[str, Any] | None = None) -> RunConfig:
