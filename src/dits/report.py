@@ -140,34 +140,32 @@ def last_rows(rows: list[Row]) -> dict[str, Row]:
     return out
 
 
-def compare(run_dir: Path, method: Row, baseline: Row) -> Comparison:
-    """``method − baseline`` from the two evaluations' transcripts, paired by task."""
-    a = read_jsonl(run_dir / method.eval_dir / TRANSCRIPTS_FILE, EvalRecord)
-    b = read_jsonl(run_dir / baseline.eval_dir / TRANSCRIPTS_FILE, EvalRecord)
+def compare(
+    method: str, baseline: str, a: list[EvalRecord], b: list[EvalRecord], it: int | None
+) -> Comparison:
+    """``method − baseline`` from the two evaluations' records, paired by task."""
     xa, xb = paired_metrics(a, b)
     ci = paired_bootstrap(xa, xb)
-    return Comparison(method=method.method, baseline=baseline.method, iteration=method.iteration,
-                      difference=ci.mean, low=ci.low, high=ci.high, n=len(xa))  # fmt: skip
+    return Comparison(method=method, baseline=baseline, iteration=it, difference=ci.mean, low=ci.low,
+                      high=ci.high, n=len(xa))  # fmt: skip
 
 
-def comparisons(run_dir: Path, rows: list[Row]) -> list[Comparison]:
-    """Every trained method against the untrained model; every method that reads influence against
-    every trained one that does not (DITS against each Optima variant)."""
-    last = last_rows(rows)
+def comparisons(run_dir: Path, last: dict[str, Row]) -> list[Comparison]:
+    """On each method's last row (:func:`last_rows`): every trained method against the untrained model;
+    every method that reads influence against every trained one that does not (DITS against each Optima
+    variant). Each evaluation's transcripts are read once."""
+    records = {m: read_jsonl(run_dir / r.eval_dir / TRANSCRIPTS_FILE, EvalRecord) for m, r in last.items()}
     trained = [r for m, r in last.items() if m != UNTRAINED]
-    out = [compare(run_dir, r, last[UNTRAINED]) for r in trained if UNTRAINED in last]
-    for r in trained:
-        if needs_scores(r.method):
-            out += [
-                compare(run_dir, r, o) for o in trained if o.method != r.method and not needs_scores(o.method)
-            ]
-    return out
+    pairs = [(r, UNTRAINED) for r in trained if UNTRAINED in last]
+    pairs += [(r, o.method) for r in trained if needs_scores(r.method)
+              for o in trained if o.method != r.method and not needs_scores(o.method)]  # fmt: skip
+    return [compare(r.method, b, records[r.method], records[b], r.iteration) for r, b in pairs]
 
 
 def results(run_dir: Path, rows: list[Row] | None = None) -> Results:
     """The figures of ``results.json`` (``rows``: :func:`collect_rows` of the run, if already read)."""
-    rows = collect_rows(run_dir) if rows is None else rows
-    return Results(run=run_dir.name, methods=last_rows(rows), comparisons=comparisons(run_dir, rows))
+    last = last_rows(collect_rows(run_dir) if rows is None else rows)
+    return Results(run=run_dir.name, methods=last, comparisons=comparisons(run_dir, last))
 
 
 def _charged(m: StageManifest, method: str | None) -> bool:
@@ -188,19 +186,24 @@ def _row(
                eval_dir=where)  # fmt: skip
 
 
-def markdown_table(rows: list[Row]) -> str:
-    lines = [
-        "| method | iteration | test metric | 95% CI | comm. tokens | pairs kept | ledger FLOPs |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        it = "-" if r.iteration is None else str(r.iteration)
-        kept = "-" if r.pairs_kept is None else str(r.pairs_kept)
-        lines.append(
-            f"| {r.method} | {it} | {r.metric:.3f} | [{r.low:.3f}, {r.high:.3f}] | {r.comm_tokens:.1f} "
-            f"| {kept} | {r.flops:.3g} |"
-        )
+def _table(header: list[str], cells: list[list[str]]) -> str:
+    """A markdown table from a header and rows of already formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
+
+
+def _it(iteration: int | None) -> str:
+    return "-" if iteration is None else str(iteration)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    header = ["method", "iteration", "test metric", "95% CI", "comm. tokens", "pairs kept", "ledger FLOPs"]
+    return _table(header, [
+        [r.method, _it(r.iteration), f"{r.metric:.3f}", f"[{r.low:.3f}, {r.high:.3f}]",
+         f"{r.comm_tokens:.1f}", "-" if r.pairs_kept is None else str(r.pairs_kept), f"{r.flops:.3g}"]
+        for r in rows
+    ])  # fmt: skip
 
 
 def influence_points(run_dir: Path) -> list[tuple[float, float]]:
@@ -268,15 +271,12 @@ def _plots(run_dir: Path, rows: list[Row]) -> list[tuple[str, str]]:
 
 
 def comparison_table(comps: list[Comparison]) -> str:
-    lines = [
-        "| method | baseline | iteration | difference | paired 95% CI | tasks |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in comps:
-        it = "-" if c.iteration is None else str(c.iteration)
-        ci = f"[{c.low:+.3f}, {c.high:+.3f}]"
-        lines.append(f"| {c.method} | {c.baseline} | {it} | {c.difference:+.3f} | {ci} | {c.n} |")
-    return "\n".join(lines)
+    header = ["method", "baseline", "iteration", "difference", "paired 95% CI", "tasks"]
+    return _table(header, [
+        [c.method, c.baseline, _it(c.iteration), f"{c.difference:+.3f}", f"[{c.low:+.3f}, {c.high:+.3f}]",
+         str(c.n)]
+        for c in comps
+    ])  # fmt: skip
 
 
 def write_report(run_dir: Path) -> Path:
