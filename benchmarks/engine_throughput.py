@@ -4,18 +4,26 @@
 calls a model), (c) ``model.generate`` at the engine's batch size with left padding. Same prompts, same
 greedy decoding, same number of new tokens; EOS is suppressed in all three so every row really produces
 ``--new-tokens`` tokens and the token counts are equal. Prints one JSON object.
+
+``--protocol``: the prompts are real agent views of the two-agent protocol instead (Alice's first turn on
+built-in ``facts`` test tasks, with the worked examples): they share a long prefix, which the engine computes
+and stores once (:mod:`dits.engine.shared_prefix`) while plain ``generate`` computes and caches it per row.
+The process's peak resident memory is read after (a) and after (c).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import torch
 
 from dits.engine.base import SamplingParams
 from dits.engine.hf import HFEngine
+from dits.mas.protocol import ProtocolConfig, render_view
+from dits.tasks.builtin import make_builtin
 
 TOPICS = [
     "the moon",
@@ -47,6 +55,15 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
     return out
 
 
+def protocol_views(n: int) -> list[list[dict[str, str]]]:
+    """Alice's first-turn views on ``n`` built-in facts test tasks (system prompt, worked examples, task)."""
+    return [render_view(ex, [], 0, ProtocolConfig()) for ex in make_builtin("facts", "test", n)]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prompts", type=int, default=64)
@@ -58,12 +75,13 @@ def main() -> None:
         default=16,
         help="run (b) on this many prompts and extrapolate tokens/s (it is the slow one)",
     )
+    ap.add_argument("--protocol", action="store_true", help="real agent views sharing a long prefix")
     args = ap.parse_args()
     torch.manual_seed(0)
     engine = HFEngine("smollm2-135m", max_batch=args.batch, token_budget=1 << 20)
     eos = sorted(engine.eos_ids)
     engine.eos_ids = set()  # (a): no early stop, like suppress_tokens in (b)/(c)
-    views = prompts(args.prompts)
+    views = protocol_views(args.prompts) if args.protocol else prompts(args.prompts)
     tok, model = engine.tokenizer, engine.base
 
     engine.generate(views[:2], SamplingParams(max_new_tokens=4))  # warm-up
@@ -71,6 +89,7 @@ def main() -> None:
     outs = engine.generate(views, SamplingParams(max_new_tokens=args.new_tokens))
     a_s = time.perf_counter() - t
     a_tokens = sum(len(o[0].token_ids) for o in outs)
+    rss_a = peak_rss_gb()
 
     gen_kw = dict(
         max_new_tokens=args.new_tokens,
@@ -100,12 +119,15 @@ def main() -> None:
             y = model.generate(**batch, **gen_kw)
             c_tokens += (y.shape[1] - batch["input_ids"].shape[1]) * len(chunk)
     c_s = time.perf_counter() - t
+    rss_c = peak_rss_gb()
 
     a, b, c = a_tokens / a_s, b_tokens / b_s, c_tokens / c_s
     print(
         json.dumps(
             {
                 "prompts": args.prompts,
+                "views": "protocol" if args.protocol else "stories",
+                "prompt_tokens_mean": round(sum(map(len, encoded)) / len(encoded), 1),
                 "new_tokens": args.new_tokens,
                 "batch": args.batch,
                 "engine_tokens_per_s": round(a, 1),
@@ -113,6 +135,8 @@ def main() -> None:
                 "batched_generate_tokens_per_s": round(c, 1),
                 "ratio_vs_sequential": round(a / b, 2),
                 "ratio_vs_plain_batched": round(a / c, 2),
+                "peak_rss_gb_after_engine": round(rss_a, 2),
+                "peak_rss_gb_after_batched": round(rss_c, 2),
                 "tokens": {
                     "engine": a_tokens,
                     "sequential": b_tokens,

@@ -174,3 +174,31 @@ def test_growing_cache_holds_what_dynamic_cache_holds():
     step(3, 2)
     step(1, 2)
     assert ours.get_seq_length() == ref.get_seq_length() == 5 + 40 + 4
+
+
+def test_shared_prefix_attention_equals_attention_over_the_concatenated_kv():
+    """One prefix KV for every row + each row's left-padded suffix gives what plain softmax attention over
+    [prefix; suffix] gives (GQA with 3 query heads per KV head, a padded row, prefill and a decode step)."""
+    from types import SimpleNamespace
+
+    from dits.engine.shared_prefix import SharedPrefix, _attention, suffix_mask
+
+    gen = torch.Generator().manual_seed(0)
+    rows, hkv, g, d, p, s = 3, 2, 3, 8, 5, 4
+    kp, vp = torch.randn(hkv, p, d, generator=gen), torch.randn(hkv, p, d, generator=gen)
+    ks, vs = torch.randn(rows, hkv, s, d, generator=gen), torch.randn(rows, hkv, s, d, generator=gen)
+    attn = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    module = SimpleNamespace(layer_idx=0)
+    for q_len in (s, 1):  # prefill of the whole suffix; one decode query at the last position
+        q = torch.randn(rows, hkv * g, q_len, d, generator=gen)
+        got, _ = _attention(module, q, ks, vs, suffix_mask(attn, q_len), scaling=0.3,  # type: ignore[arg-type]
+                            shared_prefix=SharedPrefix([(kp, vp)]))  # fmt: skip
+        for b in range(rows):
+            for h in range(hkv * g):
+                keys = torch.cat([kp[h // g], ks[b, h // g]])
+                values = torch.cat([vp[h // g], vs[b, h // g]])
+                for i in range(q_len):
+                    qpos = s - q_len + i
+                    visible = [True] * p + [bool(attn[b, j]) and j <= qpos for j in range(s)]
+                    w = torch.softmax((keys @ q[b, h, i] * 0.3).masked_fill(~torch.tensor(visible), -1e9), 0)
+                    assert torch.allclose(got[b, i, h], w @ values, atol=1e-5)

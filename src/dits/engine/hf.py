@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dits.engine.base import Completion, Engine, SamplingParams, ScoredCompletion, View
+from dits.engine.shared_prefix import SharedPrefix, prefix_attention, suffix_mask
 from dits.ledger import Ledger
 from dits.models import load_model_and_tokenizer
 from dits.seeding import derive_seed
@@ -35,9 +36,15 @@ class _GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys and values live in a buffer with room to spare, so a decode step writes
     its token in place. transformers' ``DynamicLayer`` appends with ``torch.cat``, copying the whole cache at
     every step of every layer: on a CPU that copy cost more than the step's matmuls (measured: half of a
-    64-row decode step's time). Capacity doubles when full, so the copies are amortised O(1) per token."""
+    64-row decode step's time). A buffer is made with room for ``reserve`` more tokens (the caller's
+    ``max_new_tokens``: a prefill then never re-buffers while decoding) and doubles if that runs out, so the
+    copies are amortised O(1) per token without holding twice the prompt's KV."""
 
     _buf: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __init__(self, reserve: int = 16) -> None:
+        super().__init__()
+        self.reserve = reserve
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -48,7 +55,7 @@ class _GrowingLayer(DynamicLayer):
         n = key_states.shape[-2]
         if self._buf is None or cur + n > self._buf[0].shape[-2]:
             b, h, _, d = key_states.shape
-            cap = 2 * (cur + n) + 16
+            cap = cur + n + (self.reserve if self._buf is None else cur + n)
             kb = key_states.new_empty((b, h, cap, d))
             vb = value_states.new_empty((b, h, cap, value_states.shape[-1]))
             if cur:
@@ -72,10 +79,10 @@ class _GrowingLayer(DynamicLayer):
 
 
 class _GrowingCache(DynamicCache):
-    """A ``DynamicCache`` of :class:`_GrowingLayer` layers."""
+    """A ``DynamicCache`` of :class:`_GrowingLayer` layers, each with room for ``reserve`` tokens."""
 
-    def __init__(self) -> None:
-        Cache.__init__(self, layer_class_to_replicate=_GrowingLayer)
+    def __init__(self, reserve: int = 16) -> None:
+        Cache.__init__(self, layer_class_to_replicate=lambda: _GrowingLayer(reserve))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -303,18 +310,17 @@ class HFEngine(Engine):
     def _decode(self, batch: list[_Row], sampling: SamplingParams) -> None:
         dev = self.device
         # Prefix reuse: rows that start with the same tokens (system prompt, worked example, task) have that
-        # prefix's KV computed once. The padding then sits between the shared prefix and each row's own
-        # suffix; the attention mask and position ids account for it.
+        # prefix's KV computed and stored once (:mod:`dits.engine.shared_prefix`); the cache holds each row's
+        # own left-padded suffix, whose positions continue after the prefix.
         shared = self._shared_prefix([r.prompt_ids for r in batch])
-        cache = self._prefill_shared(batch[0].prompt_ids[:shared], len(batch))
-        ids, attn = self._left_pad([r.prompt_ids[shared:] for r in batch], shared, self.pad_id)
+        prefix = self._prefix_kv(batch[0].prompt_ids[:shared])
+        ids, attn = self._left_pad([r.prompt_ids[shared:] for r in batch], self.pad_id)
         ids, attn = ids.to(dev), attn.to(dev)
-        pos = ((attn.cumsum(-1) - 1).clamp(min=0))[:, shared:]
+        pos = shared + (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = _GrowingCache(reserve=sampling.max_new_tokens)
         gens = [torch.Generator().manual_seed(r.seed) for r in batch]
         alive = list(range(len(batch)))
-        logits = self.model(
-            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1, **{self._cache_kw: cache}
-        ).logits[:, -1, :]
+        logits = self._forward(ids, attn, pos, cache, prefix, logits_to_keep=1)[:, -1, :]
         next_pos = pos[:, -1]
         self.ledger.charge(
             prompt_tokens=sum(len(r.prompt_ids) for r in batch), cached_tokens=shared * (len(batch) - 1)
@@ -345,12 +351,7 @@ class HFEngine(Engine):
                 alive = [alive[s] for s in keep]
             attn = torch.cat([attn, attn.new_ones((len(alive), 1))], dim=1)
             next_pos = next_pos + 1
-            logits = self.model(
-                input_ids=toks[:, None].to(dev),
-                attention_mask=attn,
-                position_ids=next_pos[:, None],
-                **{self._cache_kw: cache},
-            ).logits[:, -1, :]
+            logits = self._forward(toks[:, None].to(dev), attn, next_pos[:, None], cache, prefix)[:, -1, :]
         self.ledger.charge(generated_tokens=generated)
         for r in batch:
             text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
@@ -374,27 +375,44 @@ class HFEngine(Engine):
             n = k
         return n if n >= minimum else 0
 
-    def _prefill_shared(self, prefix_ids: Sequence[int], rows: int) -> DynamicCache:
-        """KV of a prefix common to ``rows`` sequences, computed once and repeated across the batch."""
-        cache = _GrowingCache()
-        if prefix_ids:
-            ids = torch.tensor([list(prefix_ids)], device=self.device)
-            self.model(input_ids=ids, logits_to_keep=1, **{self._cache_kw: cache})
-            cache.batch_repeat_interleave(rows)
-        return cache
+    def _prefix_kv(self, prefix_ids: Sequence[int]) -> SharedPrefix | None:
+        """KV of a prefix common to a batch's rows, computed once (None for no prefix)."""
+        if not prefix_ids:
+            return None
+        cache = DynamicCache()
+        ids = torch.tensor([list(prefix_ids)], device=self.device)
+        self.model(input_ids=ids, logits_to_keep=1, **{self._cache_kw: cache})
+        return SharedPrefix.from_cache(cache)
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        attn: torch.Tensor,
+        pos: torch.Tensor,
+        cache: DynamicCache | None,
+        prefix: SharedPrefix | None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits of a forward over left-padded ``ids`` (``attn`` covers the cached suffix and ``ids``),
+        after ``prefix`` when given."""
+        kw: dict[str, Any] = {"position_ids": pos, "logits_to_keep": logits_to_keep}
+        if cache is not None:
+            kw[self._cache_kw] = cache
+        if prefix is None:
+            return self.model(input_ids=ids, attention_mask=attn, **kw).logits
+        with prefix_attention(self.base):
+            mask = suffix_mask(attn, ids.shape[1])
+            return self.model(input_ids=ids, attention_mask=mask, shared_prefix=prefix, **kw).logits
 
     @staticmethod
-    def _left_pad(
-        seqs: Sequence[Sequence[int]], shared: int, pad_id: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Suffixes after a ``shared`` prefix, left-padded; the mask covers prefix + suffix."""
+    def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences left-padded to the longest, with their attention mask."""
         width = max(len(x) for x in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(seqs), shared + width), dtype=torch.long)
-        attn[:, :shared] = 1
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
         for j, x in enumerate(seqs):
             ids[j, width - len(x) :] = torch.tensor(list(x))
-            attn[j, shared + width - len(x) :] = 1
+            attn[j, width - len(x) :] = 1
         return ids, attn
 
     def _hit_stop(self, r: _Row, stops: tuple[str, ...]) -> bool:
@@ -504,18 +522,12 @@ class HFEngine(Engine):
         # Shared-prefix reuse as in generation; not when a graph is kept (the gradient estimator
         # differentiates through every position, and its batches are small).
         shared = 0 if keep_graph else self._shared_prefix([p for p, _ in pairs])
-        cache = self._prefill_shared(pairs[0][0][:shared], len(pairs))
-        ids, attn = self._left_pad([(p + c)[shared:] for p, c in pairs], shared, self.pad_id)
+        prefix = self._prefix_kv(pairs[0][0][:shared])
+        ids, attn = self._left_pad([(p + c)[shared:] for p, c in pairs], self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
-        pos = ((attn.cumsum(-1) - 1).clamp(min=0))[:, shared:]
+        pos = shared + (attn.cumsum(-1) - 1).clamp(min=0)
         results: list[ScoredCompletion] = []
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=pos,
-            logits_to_keep=max_c + 1,
-            **({self._cache_kw: cache} if shared else {}),
-        ).logits
+        logits = self._forward(ids, attn, pos, None, prefix, logits_to_keep=max_c + 1)
         logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # predicts the last max_c tokens
         targets = ids[:, ids.shape[1] - max_c :]
         tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

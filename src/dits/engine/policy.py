@@ -64,6 +64,9 @@ class TrainablePolicy(Protocol):
         """Per-token log-probs; with ``keep_graph`` differentiable (grad mode and adapter scope are the
         caller's)."""
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` under the model's tokenizer."""
+
     def booked_as_training(self) -> AbstractContextManager[object]:
         """Inside, the forward passes this engine runs are charged as trained tokens (forward + backward)
         instead of prompt / scored tokens."""

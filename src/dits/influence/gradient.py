@@ -28,6 +28,9 @@ from dits.seeding import derive_seed
 __all__ = ["GradientEstimator"]
 
 _ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which one_step uses
+_BACKWARD_TOKENS = 2048
+"""Tokens per backward of the validation gradient: bounds the autograd graph held at once (one graph over a
+validation task's K whole conversations peaked at 4 GB on the 135M model)."""
 
 
 class GradientEstimator(LikelihoodEstimator):
@@ -51,40 +54,52 @@ class GradientEstimator(LikelihoodEstimator):
             for p, flag in flags:
                 p.requires_grad_(flag)
 
-    def _logp_tensor(self, indices: list[int]) -> list[torch.Tensor]:
-        """Differentiable ``log π`` of cached conversations (adapter and grad mode are the caller's)."""
-        items = [(n, turn) for n, i in enumerate(indices) for turn in self._turns[i]]
-        sums: list[torch.Tensor | float] = [0.0] * len(indices)
-        by_prefix: dict[str, list[tuple[int, tuple]]] = {}
-        for n, turn in items:
-            by_prefix.setdefault(turn[2], []).append((n, turn))
-        for prefix, group in by_prefix.items():
-            scored = self.engine.score_tensors(
-                [t[0] for _, t in group], [t[1] for _, t in group], prefix, keep_graph=True
-            )
-            for (n, _), sc in zip(group, scored, strict=True):
-                if sc.tensor is not None and sc.tensor.numel():
-                    sums[n] = sums[n] + sc.tensor.sum()
-        return [torch.as_tensor(s) for s in sums]
+    def _turn_batches(self, weights: dict[int, float]) -> Iterator[list[tuple[float, tuple]]]:
+        """The turns of the weighted conversations as (weight, turn), in batches of one forced prefix and
+        about :data:`_BACKWARD_TOKENS` tokens (message contents counted, template tokens not): one graph is
+        held per batch, not one per validation task."""
+        by_prefix: dict[str, list[tuple[float, tuple]]] = {}
+        for i, a in weights.items():
+            for turn in self._turns[i]:
+                by_prefix.setdefault(turn[2], []).append((a, turn))
+        for group in by_prefix.values():
+            batch: list[tuple[float, tuple]] = []
+            size = 0
+            for item in group:
+                view, text, _ = item[1]
+                n = sum(self.engine.count_tokens(m["content"]) for m in view) + self.engine.count_tokens(text)
+                if batch and size + n > _BACKWARD_TOKENS:
+                    yield batch
+                    batch, size = [], 0
+                batch.append(item)
+                size += n
+            if batch:
+                yield batch
 
     def _prepare(self) -> None:
         self._sample()
         n_tasks = len(self.examples)
-        grads: dict[str, torch.Tensor] = {}
+        weights: dict[int, float] = {}  # conversation -> its advantage, (metric − task mean) / (K · tasks)
+        for t in range(n_tasks):
+            idx = [i for i, c in enumerate(self.cache) if c.task == t]
+            m = torch.tensor([self.cache[i].metric for i in idx], dtype=torch.float64)
+            adv = (m - m.mean()) / (len(idx) * n_tasks)
+            weights.update((i, float(a)) for i, a in zip(idx, adv.tolist(), strict=True) if a != 0)
         with self._grad_on_adapter() as params:
             grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-            for t in range(n_tasks):
-                idx = [i for i, c in enumerate(self.cache) if c.task == t]
-                m = torch.tensor([self.cache[i].metric for i in idx], dtype=torch.float64)
-                adv = (m - m.mean()) / (len(idx) * n_tasks)
-                if not bool((adv != 0).any()):
-                    continue  # every sample scored the same: this task adds nothing to g
-                keep = [(i, float(a)) for i, a in zip(idx, adv.tolist(), strict=True) if a != 0]
-                logps = self._logp_tensor([i for i, _ in keep])
-                objective = sum(a * lp for (_, a), lp in zip(keep, logps, strict=True) if lp.requires_grad)
-                if not isinstance(objective, torch.Tensor):
+            # g = ∇ Σ_i a_i Σ_turns log π(turn): linear in the turns, so summed over batches of turns.
+            for batch in self._turn_batches(weights):
+                turns = [t for _, t in batch]
+                scored = self.engine.score_tensors([t[0] for t in turns], [t[1] for t in turns], turns[0][2],
+                                                   keep_graph=True)  # fmt: skip
+                terms = [
+                    a * sc.tensor.sum()
+                    for (a, _), sc in zip(batch, scored, strict=True)
+                    if sc.tensor is not None and sc.tensor.numel() and sc.tensor.requires_grad
+                ]
+                if not terms:
                     continue
-                got = torch.autograd.grad(objective, list(params.values()), allow_unused=True)
+                got = torch.autograd.grad(sum(terms), list(params.values()), allow_unused=True)
                 for name, gr in zip(params, got, strict=True):
                     if gr is not None:
                         grads[name] += gr.float()
