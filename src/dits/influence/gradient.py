@@ -28,7 +28,7 @@ from dits.seeding import derive_seed
 __all__ = ["GradientEstimator"]
 
 _ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which one_step uses
-_BACKWARD_TOKENS = 2048
+_BACKWARD_TOKENS = 768
 """Tokens per backward of the validation gradient: bounds the autograd graph held at once (one graph over a
 validation task's K whole conversations peaked at 4 GB on the 135M model)."""
 
@@ -128,17 +128,22 @@ class GradientEstimator(LikelihoodEstimator):
         """``∇L_DPO(z)`` on the adapter's tensors at θ (reference = θ, as in the step itself). The reference
         forward runs first, outside the gradient context, so the ledger books it as scoring, as
         :func:`~dits.train.step.one_step` does; only the policy forward and backward are training."""
-        from dits.train.step import dpo_loss, reference_logps
+        from dits.train.step import backward_dpo, reference_logps
 
         with active_adapter(self.engine, self.adapter):
             ref = reference_logps(self.engine, chunk)
         with self._grad_on_adapter() as params:
-            loss = dpo_loss(self.engine, chunk, self.cfg.beta, ref)
-            got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        return {
-            n: (g if g is not None else torch.zeros_like(p)).detach().float()
-            for (n, p), g in zip(params.items(), got, strict=True)
-        }
+            for p in params.values():
+                p.grad = None
+            try:
+                backward_dpo(self.engine, chunk, self.cfg.beta, ref)  # one pair's graph at a time
+                return {
+                    n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().clone()
+                    for n, p in params.items()
+                }
+            finally:
+                for p in params.values():
+                    p.grad = None
 
     def _score_chunk(self, chunk: list[PreferencePair]) -> tuple[float, dict[str, float]]:
         grad = self.dpo_gradient(chunk)

@@ -84,6 +84,19 @@ def dpo_loss(
         return -F.logsigmoid(beta * delta).mean()
 
 
+def backward_dpo(engine: TrainablePolicy, pairs: Pairs, beta: float, ref_logps: RefLogps) -> float:
+    """Accumulate ``∇`` of :func:`dpo_loss` over ``pairs`` into the trainable tensors' ``.grad``, one pair
+    per backward: the loss is a mean of per-pair terms, so this is exact, and only one pair's graph is held
+    at a time (a chunk of 5 pairs' graph is ~10 sequences' activations). Returns the loss."""
+    ref_c, ref_r = (torch.as_tensor(t, dtype=torch.float32) for t in ref_logps)
+    total = 0.0
+    for i, pair in enumerate(pairs):
+        loss = dpo_loss(engine, [pair], beta, (ref_c[i : i + 1], ref_r[i : i + 1])) / len(pairs)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 @dataclass
 class StepHandle:
     """The adapter after one step; :meth:`restore` (or leaving a ``with`` block) puts θ back exactly."""
@@ -161,9 +174,8 @@ def one_step(
         with _only_trainable(engine.model, params):
             before = engine.ledger.snapshot()
             with engine.booked_as_training():  # the policy forward is part of the training step
-                loss = dpo_loss(engine, pairs, beta, ref_logps)
+                loss = backward_dpo(engine, pairs, beta, ref_logps)
             trained = (engine.ledger.snapshot() - before).trained_tokens
-            loss.backward()
             norms = [p.grad.norm() for p in params.values() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
             tensors = list(params.values())
@@ -185,7 +197,7 @@ def one_step(
         update = torch.stack([(p - saved[n]).norm() for n, p in params.items()])
     return StepHandle(
         adapter=adapter_name,
-        loss=float(loss.detach()),
+        loss=loss,
         grad_norm=grad_norm,
         update_norm=float(torch.linalg.vector_norm(update)),
         trained_tokens=trained,
