@@ -187,3 +187,38 @@ def test_cli_scores_the_first_chunks_and_says_where(engine, pairs_file, tmp_path
     assert _cli(engine, monkeypatch, cfg, pairs_file, out) == 0  # the rerun scores the rest
     assert "all 2 chunks scored" in capsys.readouterr().out
     assert (out / "manifest.json").exists() and len(read_jsonl(out / SCORES_FILE, InfluenceScore)) == 2
+
+
+def test_warmup_theta_is_dpo_on_the_whole_pool_kept_and_charged(engine, pairs_file, tmp_path, monkeypatch):
+    """``influence.warmup_steps``: θ is the model after that many LoRA DPO steps on every pair of the pool
+    (the reference's warm-up model), saved in the stage directory, charged to the stage, removed after it;
+    scores differ from the un-warmed θ's. A second run reloads the saved θ instead of training again."""
+    from dits.train.trainer import TrainResult
+
+    monkeypatch.setattr("dits.influence.base.default_metric", hash_metric)
+
+    def stage(cfg: RunConfig, out):  # type: ignore[no-untyped-def]
+        ctx = StageContext.single(cfg, out, engine=engine, progress=False)
+        influence_stage(ctx, 0, None, ModelRef.base(cfg), pairs_file, "pool", limit=1)
+
+    plain = _cfg(lr=1e-2)
+    warm = _cfg(lr=1e-2, warmup_steps=1)
+    warm = warm.model_copy(update={"train": warm.train.model_copy(update={"dpo": warm.train.dpo.model_copy(
+        update={"lr": 1e-2, "batch_size": 4})})})  # fmt: skip
+    before = engine.ledger.snapshot()
+    for cfg, out in ((plain, tmp_path / "plain"), (warm, tmp_path / "warm")):
+        with pytest.raises(StageIncomplete):
+            stage(cfg, out)
+    trained = (engine.ledger.snapshot() - before).trained_tokens
+    result = TrainResult.model_validate_json((tmp_path / "warm" / "warmup" / "train_result.json").read_text())
+    assert (result.kind, result.steps, result.rows) == ("dpo", 1, 4)  # one step on the whole pool of 4
+    assert result.trained_tokens > 0 and trained >= result.trained_tokens
+    assert "influence-warmup" not in engine.adapter_names()
+    [p], [w] = (read_jsonl(d / SCORES_FILE, InfluenceScore) for d in (tmp_path / "plain", tmp_path / "warm"))
+    assert p.pair_ids == w.pair_ids and p.score != w.score
+
+    saved = (tmp_path / "warm" / "warmup" / "train_result.json").stat().st_mtime_ns
+    with pytest.raises(StageIncomplete):  # resumed: the saved θ is loaded, not trained again
+        stage(warm, tmp_path / "warm")
+    assert (tmp_path / "warm" / "warmup" / "train_result.json").stat().st_mtime_ns == saved
+    assert len(read_jsonl(tmp_path / "warm" / SCORES_FILE, InfluenceScore)) == 2

@@ -16,16 +16,17 @@ from dits.tasks.loaders import DATASETS, default_data_root
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
-# dataset -> (mode, lambda_tok, lambda_read, pair tau, SFT lr, iSFT threshold); DESIGN.md sections 5, 6, 7b.
-PAPER: dict[str, tuple[str, float, float, float, float, float]] = {
-    "hotpotqa": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5),
-    "2wiki": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5),
-    "triviaqa": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5),
-    "cbt": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5),
-    "gsm8k": ("debate", -0.4, 0.9, 0.4, 1e-6, 0.6),
-    "math": ("debate", -0.4, 0.9, 0.45, 1e-6, 0.6),
-    "arc": ("debate", -0.5, 0.6, 0.45, 1e-6, 0.6),
-    "mmlu": ("debate", -0.6, 0.7, 0.45, 1e-6, 0.6),
+# dataset -> (mode, lambda_tok, lambda_read, pair tau, SFT lr, iSFT threshold, DPO beta); DESIGN.md sections
+# 5, 6, 7b and the references' per-dataset values (Optima: tau, threshold; the DITS recipes: beta).
+PAPER: dict[str, tuple[str, float, float, float, float, float, float]] = {
+    "hotpotqa": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5, 0.1),
+    "2wiki": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5, 0.5),
+    "triviaqa": ("exchange", -0.6, 1.0, 0.43, 2e-5, 0.6, 0.7),
+    "cbt": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5, 0.7),
+    "gsm8k": ("debate", -0.4, 0.9, 0.45, 1e-6, 0.6, 0.5),
+    "math": ("debate", -0.4, 0.9, 0.45, 1e-6, 0.6, 0.1),
+    "arc": ("debate", -0.5, 0.6, 0.45, 1e-6, 0.6, 0.1),
+    "mmlu": ("debate", -0.6, 0.7, 0.45, 1e-6, 0.7, 0.1),
 }
 
 
@@ -39,14 +40,35 @@ def test_one_file_per_paper_dataset_and_no_other():
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_dataset_specific_numbers(name: str):
-    mode, lambda_tok, lambda_read, tau, sft_lr, threshold = PAPER[name]
+    mode, lambda_tok, lambda_read, tau, sft_lr, threshold, beta = PAPER[name]
     cfg = _load(name)
     assert cfg.task.dataset == name
     assert DATASETS[name].mode == mode  # the loader plays the dataset in the mode the table assumes
     assert (cfg.reward.lambda_tok, cfg.reward.lambda_read) == (lambda_tok, lambda_read)
     assert cfg.pairs.tau_for(name) == tau
     assert cfg.train.sft.lr == sft_lr
-    assert cfg.sft_data.threshold == threshold
+    assert cfg.sft_data.threshold_for(name) == threshold
+    assert cfg.sft_data.slice_for(name) == ((0.1, 0.8) if name == "math" else (0.0, 0.7))
+    assert cfg.train.dpo.beta == cfg.influence.beta == beta
+    assert cfg.train.sft_from == "initial"  # DITS: iSFT always from the initial model
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_library_defaults_are_the_published_numbers(name: str):
+    """A config that names only the dataset gets the same per-dataset numbers the paper config spells out."""
+    _, lambda_tok, lambda_read, tau, _, threshold, beta = PAPER[name]
+    cfg = load_config(None, {"task.dataset": name})
+    from dits.reward import weights_for
+    from dits.tasks.example import Example
+
+    ex = Example(id="e", dataset=name, split="test", question="q", answers=["a"], contexts=["", ""],
+                 mode=PAPER[name][0], metric="f1")  # fmt: skip
+    assert weights_for(ex, cfg.reward) == (lambda_tok, lambda_read)
+    assert cfg.pairs.tau_for(name) == tau
+    assert cfg.sft_data.threshold_for(name) == threshold
+    assert cfg.train.dpo.beta == cfg.influence.beta == beta
+    # Optima's choice of SFT start: the previous model for information exchange, the initial one for debate.
+    assert cfg.train.sft_from == ("previous" if PAPER[name][0] == "exchange" else "initial")
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -62,7 +84,8 @@ def test_shared_reference_numbers(name: str):
         8, 3, 0.25, 0.1, 10, "reference"
     )  # fmt: skip
     assert (cfg.pairs.min_gap, cfg.pairs.keep_top_fraction) == (0.2, 0.5)
-    assert (cfg.sft_data.n_samples, cfg.sft_data.keep_fraction, cfg.sft_data.temperature) == (10, 0.7, 0.7)
+    sft = cfg.sft_data
+    assert (sft.n_samples, sft.temperature, sft.token_norm) == (10, 0.7, "task_max")
 
     t = cfg.train
     assert t.full_finetune
@@ -84,11 +107,12 @@ def test_shared_reference_numbers(name: str):
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_train_section_is_the_library_reference(name: str):
-    """Apart from beta (per dataset), the train section is ``TrainConfig.reference`` for the mode."""
+    """Apart from beta (per dataset), the train section is ``TrainConfig.reference`` for the mode, with
+    iSFT from the initial model (DITS)."""
     from dits.train.config import TrainConfig
 
     cfg = _load(name)
-    ref = TrainConfig.reference(PAPER[name][0])  # type: ignore[arg-type]
+    ref = TrainConfig.reference(PAPER[name][0], sft_from="initial")  # type: ignore[arg-type]
     got = cfg.train.model_dump()
     want = ref.model_dump()
     got["dpo"].pop("beta"), want["dpo"].pop("beta")
@@ -105,12 +129,15 @@ def test_header_names_the_command(name: str):
 
 @pytest.mark.parametrize("name", sorted(n for n, spec in DATASETS.items() if n in PAPER and spec.directory))
 def test_three_iterations_fit_the_local_train_split(name: str):
-    """Iteration i searches slice i of the train split, so the split must hold train x iterations tasks."""
+    """Iteration i takes task.train iSFT tasks and task.train search tasks of the train split, so the split
+    must hold 2 x train x iterations tasks."""
+    from dits.pipeline import tasks_per_iteration
     from dits.tasks.source import examples_for
 
     if not (default_data_root() / DATASETS[name].directory).is_dir():
         pytest.skip(f"no local {name} data (read from the hub)")
     cfg = _load(name)
-    need = cfg.task.train * cfg.pipeline.iterations
+    need = tasks_per_iteration(cfg) * cfg.pipeline.iterations
+    assert need == 2 * cfg.task.train * cfg.pipeline.iterations
     assert len(examples_for(cfg.task, "train", limit=need)) == need
     assert len(examples_for(cfg.task, "dev")) == cfg.task.dev

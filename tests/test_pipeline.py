@@ -74,7 +74,13 @@ TINY = {
     "pairs": {"tau": -10.0, "min_gap": 0.0},
     "influence": {"estimator": "likelihood", "chunk_size": 1, "val_tasks": 2, "samples_per_task": 1},
     "train": {"dpo": {"max_steps": 1, "batch_size": 2}},
-    "pipeline": {"recipe": "idpo", "iterations": 1, "methods": ["q", "q-budget", "mix"]},
+    "pipeline": {
+        "recipe": "idpo",
+        "iterations": 1,
+        "methods": ["q", "q-budget", "mix"],
+        "baselines": ["cot"],
+        "scaling": [2],
+    },
 }
 
 
@@ -161,7 +167,7 @@ def test_report_numbers_equal_a_recomputation_from_artifacts(uninterrupted):
     from dits.report import collect_rows, write_report
 
     report = write_report(uninterrupted).read_text()
-    rows = {(r.method, r.iteration): r for r in collect_rows(uninterrupted)}
+    rows = {(r.method, r.iteration): r for r in collect_rows(uninterrupted) if r.kind == "model"}
     assert set(rows) == {("untrained", None), ("q", 0), ("q-budget", 0), ("mix", 0)}
     manifests = [json.loads(p.read_text()) for p in uninterrupted.glob("iter_0/*/manifest.json")]
     infl = next(m for m in manifests if m["stage"] == "influence")["ledger"]["flops"]
@@ -215,6 +221,41 @@ def test_results_json_is_recomputed_from_the_transcripts(uninterrupted):
         ci = paired_bootstrap([per_task[m][i] for i in ids], [per_task[b][i] for i in ids])
         assert (c["low"], c["high"]) == pytest.approx((ci.low, ci.high))
         assert f"{m} − {b}: {c['difference']:+.3f}" in (uninterrupted / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_baselines_and_scaling_points_are_in_the_report_with_token_ratios(uninterrupted):
+    """``pipeline.baselines: [cot]`` evaluates the untrained model with CoT; ``pipeline.scaling: [2]`` runs
+    mas-sc with 2 conversations per task on the untrained and each final model. Their rows are recomputed
+    from their transcripts, and every row's tokens are given relative to the untrained system and CoT."""
+    from dits.artifacts import read_jsonl
+    from dits.evaluate import EvalRecord
+    from dits.report import collect_rows, write_report
+
+    report = write_report(uninterrupted).read_text()
+    rows = {(r.method, r.iteration, r.kind): r for r in collect_rows(uninterrupted)}
+    dirs = {
+        ("cot", None, "baseline"): "base/baseline-cot",
+        ("untrained mas-sc", None, "scaling"): "base/scaling-k2",
+        **{(f"{m} mas-sc", 0, "scaling"): f"iter_0/scaling-{m}-k2" for m in ("q", "q-budget", "mix")},
+    }
+    assert {k for k in rows if k[2] != "model"} == set(dirs)
+    for key, d in dirs.items():
+        records = read_jsonl(uninterrupted / d / "transcripts.jsonl", EvalRecord)
+        assert len(records) == 3
+        tokens = [sum(t.tokens for t in r.transcript.turns) for r in records]
+        row = rows[key]
+        assert row.metric == pytest.approx(sum(r.transcript.metric for r in records) / 3)
+        assert row.comm_tokens == pytest.approx(sum(tokens) / 3)
+        if key[2] == "scaling":  # 2 whole conversations per task, each of 1 or 2 turns
+            assert row.k == 2 and all(2 <= len(r.transcript.turns) <= 4 for r in records)
+    base, cot = rows[("untrained", None, "model")], rows[("cot", None, "baseline")]
+    q = rows[("q", 0, "model")]
+    line = next(x for x in report.splitlines() if x.startswith("| q | 0 |"))
+    assert f"| {q.comm_tokens / base.comm_tokens:.2f}x | {q.comm_tokens / cot.comm_tokens:.2f}x |" in line
+    assert rows[("q mas-sc", 0, "scaling")].flops == q.flops  # the scaled model's lineage cost
+    res = json.loads((uninterrupted / "results.json").read_text())
+    assert sorted((o["method"], o["kind"]) for o in res["others"]) == sorted((k[0], k[2]) for k in dirs)
 
 
 @pytest.mark.slow

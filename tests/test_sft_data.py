@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import numpy as np
@@ -56,22 +55,30 @@ def _conv(example_id: str, sample: int, reward: float, texts: list[str] | None =
     )
 
 
-def _brute(samples, examples, threshold, fraction):  # type: ignore[no-untyped-def]
-    """Independent restatement: per task the max reward (first sample among ties); pass the threshold;
-    rank all qualifying by reward then task order; keep max(1, floor(n * fraction))."""
-    out = []
+_EPS = {"facts": 0.5, "arith": 0.6, "math": 0.6}  # the published ε of these datasets (Optima)
+_SLICE = {"facts": (0.0, 0.7), "arith": (0.0, 0.7), "math": (0.1, 0.8)}
+
+
+def _brute(samples, examples, threshold, keep_slice):  # type: ignore[no-untyped-def]
+    """Independent restatement of the reference (thunlp/Optima process_dataloader_for_sft), per dataset:
+    per task the max reward (first sample among ties); all tasks' best ranked by reward then task order;
+    the ranks [int(lo*n), int(hi*n)) kept; then those below ε dropped."""
+    best = []
     for ex in examples:
         mine = [s for s in samples if s.example_id == ex.id]
         top = max(s.reward for s in mine)
-        best = min((s for s in mine if s.reward == top), key=lambda s: s.sample)
-        thr = threshold if threshold is not None else (0.5 if ex.mode == "exchange" else 0.6)
-        if best.reward >= thr:
-            out.append(best)
+        best.append((ex, min((s for s in mine if s.reward == top), key=lambda s: s.sample)))
     pos = {ex.id: i for i, ex in enumerate(examples)}
-    ranked = sorted(out, key=lambda s: (-s.reward, pos[s.example_id]))
-    k = max(1, math.floor(len(ranked) * fraction + 1e-12)) if ranked else 0
-    kept = {(s.example_id, s.sample) for s in ranked[:k]}
-    return [(s.example_id, s.sample) for s in out if (s.example_id, s.sample) in kept]
+    kept = set()
+    for dataset in {ex.dataset for ex in examples}:
+        ranked = sorted(
+            (b for ex, b in best if ex.dataset == dataset), key=lambda s: (-s.reward, pos[s.example_id])
+        )
+        lo, hi = keep_slice or _SLICE[dataset]
+        eps = threshold if threshold is not None else _EPS[dataset]
+        n = len(ranked)
+        kept |= {(s.example_id, s.sample) for s in ranked[int(lo * n) : int(hi * n)] if s.reward >= eps}
+    return [(b.example_id, b.sample) for _, b in best if (b.example_id, b.sample) in kept]
 
 
 def _ids(convs):  # type: ignore[no-untyped-def]
@@ -94,19 +101,36 @@ def test_selection_by_hand():
         _conv("d3", 0, 0.9),
         _conv("d3", 1, 0.95),
     ]
+    # Per dataset, the top int(0.7 * 2) = 1 of 2 tasks by reward, then ε: facts keeps x0#1 (0.5 >= 0.5),
+    # arith keeps d3#1.
     got = select_conversations(samples, examples, SftDataConfig())
-    # Two qualify (x0#1 at 0.5, d3#1 at 0.95); the top 70% of 2 is max(1, floor(1.4)) = 1: d3 only.
-    assert _ids(got) == [("d3", 1)]
-    assert _ids(select_conversations(samples, examples, SftDataConfig(keep_fraction=1.0))) == [
+    assert _ids(got) == [("x0", 1), ("d3", 1)]
+    assert _ids(select_conversations(samples, examples, SftDataConfig(keep_slice=(0.0, 1.0)))) == [
         ("x0", 1),
         ("d3", 1),
     ]
-    assert _ids(select_conversations(samples, examples, SftDataConfig(threshold=0.0, keep_fraction=1.0))) == [
+    everything = SftDataConfig(threshold=0.0, keep_slice=(0.0, 1.0))
+    assert _ids(select_conversations(samples, examples, everything)) == [
         ("x0", 1),
         ("x1", 0),
         ("d2", 0),
         ("d3", 1),
     ]
+
+
+def test_selection_of_ten_tasks_keeps_the_references_conversations():
+    """Ten tasks whose best rewards are 0.9 ... 0.1. The reference cuts the ranked list to its top
+    int(0.7 * 10) = 7 and then drops those below ε (0.5 for facts): 7 kept. Filtering first and keeping 70%
+    of the 7 qualifying (the earlier rule) would keep 4. MATH keeps ranks 1..7 (10%–80%), then ε 0.6."""
+    rewards = [0.52, 0.9, 0.3, 0.7, 0.6, 0.1, 0.8, 0.55, 0.45, 0.65]
+    facts = [_example(i, "exchange") for i in range(10)]
+    samples = [s for i, r in enumerate(rewards) for s in (_conv(f"x{i}", 0, r - 0.05), _conv(f"x{i}", 1, r))]
+    got = select_conversations(samples, facts, SftDataConfig())
+    assert _ids(got) == [(f"x{i}", 1) for i in (0, 1, 3, 4, 6, 7, 9)]  # 0.52 ... 0.9: the top seven
+    math = [ex.model_copy(update={"dataset": "math"}) for ex in facts]
+    got = select_conversations(samples, math, SftDataConfig())
+    # Ranked: 0.9 (dropped: rank 0), 0.8, 0.7, 0.65, 0.6, 0.55, 0.52, 0.45 (ranks 1..7), then ε = 0.6.
+    assert _ids(got) == [(f"x{i}", 1) for i in (3, 4, 6, 9)]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -121,11 +145,11 @@ def test_selection_equals_brute_force_on_random_rewards(seed):
     rng.shuffle(samples)
     for cfg in (
         SftDataConfig(),
-        SftDataConfig(threshold=0.3, keep_fraction=0.5),
-        SftDataConfig(keep_fraction=1),
+        SftDataConfig(threshold=0.3, keep_slice=(0.0, 0.5)),
+        SftDataConfig(keep_slice=(0.2, 1.0)),
     ):
         got = select_conversations(samples, examples, cfg)
-        assert _ids(got) == _brute(samples, examples, cfg.threshold, cfg.keep_fraction)
+        assert _ids(got) == _brute(samples, examples, cfg.threshold, cfg.keep_slice)
         assert got  # the seeds give qualifying tasks
 
 
@@ -167,15 +191,31 @@ def test_build_sft_data_samples_in_one_batched_run(tmp_path):
     ]
     assert len({tuple(s.transcript.texts) for s in data.samples}) > 1
 
-    toks = [s.transcript.comm_tokens for s in data.samples]
-    assert data.t_norm == pytest.approx(max(1.0, float(np.percentile(toks, 80))))
+    # The reference's iSFT T_norm: each task's longest sample.
+    assert data.t_norm is None
+    longest = {
+        ex.id: max(s.transcript.comm_tokens for s in data.samples if s.example_id == ex.id) for ex in examples
+    }
     by_id = {ex.id: ex for ex in examples}
     batch = [by_id[s.example_id] for s in data.samples]
     nlls = utterance_nlls(SeededEngine(), [s.transcript for s in data.samples], proto)
     for s, ex, nll in zip(data.samples, batch, nlls, strict=True):
-        assert s.reward == pytest.approx(compute_reward(ex, s.transcript, nll, data.t_norm, reward).total)
+        want = compute_reward(ex, s.transcript, nll, longest[ex.id], reward)
+        assert s.reward == pytest.approx(want.total)
+    assert len({s.breakdown.token for s in data.samples}) > 1
 
-    assert _ids(data.kept) == _brute(data.samples, examples, -10.0, 0.7)
+    percentile = build_sft_data(
+        SeededEngine(),
+        examples,
+        proto,
+        reward,
+        cfg=cfg.model_copy(update={"token_norm": "percentile"}),
+        seed=1,
+    )
+    toks = [s.transcript.comm_tokens for s in percentile.samples]
+    assert percentile.t_norm == pytest.approx(max(1.0, float(np.percentile(toks, 80))))
+
+    assert _ids(data.kept) == _brute(data.samples, examples, -10.0, (0.0, 0.7))
     assert len(data.kept) == 4  # floor(0.7 * 6)
     assert data.rows == [r for c in data.kept for r in sft_rows(by_id[c.example_id], c, proto)]
 

@@ -77,7 +77,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dits.config import TaskConfig
     from dits.engine import make_engine
-    from dits.evaluate import format_table
+    from dits.evaluate import SAMPLED, format_table
     from dits.mas.protocol import ProtocolConfig
     from dits.stages.evaluate import evaluate_to_dir
     from dits.tasks.source import examples_for
@@ -94,7 +94,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         engine.set_adapter("eval")
     summaries = []
     for method in args.method or ["mas"]:
-        out = Path(args.out) / f"{args.dataset}-{args.split}-{method}"
+        tag = f"{method}-k{args.k}" if method in SAMPLED else method  # each k is its own evaluation
+        out = Path(args.out) / f"{args.dataset}-{args.split}-{tag}"
         summaries.append(evaluate_to_dir(engine, examples, method, cfg, out, k=args.k, seed=args.seed))
     print(format_table(summaries))
     print(f"transcripts and summaries under {args.out}/")
@@ -248,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=32, help="number of tasks")
     p.add_argument("--method", action="append", choices=list(METHODS), help="repeatable; default: mas")
-    p.add_argument("--k", type=int, default=5, help="samples for sc")
+    p.add_argument(
+        "--k", "--samples", type=int, default=5, help="samples per task for sc, conversations for mas-sc"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-turns", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)

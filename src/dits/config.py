@@ -21,7 +21,7 @@ from dits.search.guided import GuideConfig
 from dits.search.mcts import SearchConfig
 from dits.search.pairs import PairConfig
 from dits.select import SelectConfig, Strategy, budget_matched, needs_scores
-from dits.tasks.example import Example
+from dits.tasks.loaders import method_defaults
 from dits.train.config import TrainConfig
 
 
@@ -46,21 +46,35 @@ class TaskConfig(_Section):
 
 
 class SftDataConfig(_Section):
-    """iSFT data knobs (best-of-n conversations per task); defaults are the published ones."""
+    """iSFT data knobs (best-of-n conversations per task); ``None`` takes the dataset's published default
+    (:mod:`dits.tasks.defaults`)."""
 
     n_samples: int = Field(10, ge=1, description="conversations sampled per task")
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    threshold: float | None = Field(None, description="min reward of a task's best; None: 0.5 / 0.6 by mode")
-    keep_fraction: float = Field(
-        0.7, gt=0, le=1, description="of the qualifying best ones, keep this top share"
+    threshold: float | None = Field(None, description="ε, the min reward of a kept best conversation")
+    keep_slice: tuple[float, float] | None = Field(
+        None,
+        description="the ranks kept of the tasks' best conversations sorted by reward, as fractions "
+        "[from, to) of the tasks (top 70%: [0, 0.7]; MATH [0.1, 0.8])",
+    )
+    token_norm: Literal["task_max", "percentile"] = Field(
+        "task_max",
+        description="T_norm of the iSFT reward: the task's longest sample (the reference) or the "
+        "reward.t_norm_percentile of all samples",
     )
 
-    def threshold_for(self, example: Example) -> float:
-        """0.5 for information exchange, 0.6 for debate (Optima's iSFT), unless ``threshold`` is set."""
-        if self.threshold is not None:
-            return self.threshold
-        return 0.5 if example.mode == "exchange" else 0.6
+    @model_validator(mode="after")
+    def _slice_in_order(self) -> SftDataConfig:
+        if self.keep_slice is not None and not 0 <= self.keep_slice[0] < self.keep_slice[1] <= 1:
+            raise ValueError(f"keep_slice must satisfy 0 <= from < to <= 1, got {list(self.keep_slice)}")
+        return self
+
+    def threshold_for(self, dataset: str) -> float:
+        return self.threshold if self.threshold is not None else method_defaults(dataset).isft_threshold
+
+    def slice_for(self, dataset: str) -> tuple[float, float]:
+        return self.keep_slice if self.keep_slice is not None else method_defaults(dataset).isft_slice
 
 
 class SamplingConfig(_Section):
@@ -81,6 +95,14 @@ class PipelineConfig(_Section):
         default_factory=lambda: ["mix"], min_length=1, description="q is Optima, mix is DITS"
     )
     evaluate_base: bool = Field(True, description="also evaluate the untrained model on the test split")
+    baselines: list[Literal["cot", "sc", "debate"]] = Field(
+        default_factory=list, description="evaluation baselines run on the untrained model (sc: 5 samples)"
+    )
+    scaling: list[int] = Field(
+        default_factory=list,
+        description="K values of mas-sc (K conversations at T 0.5, majority vote) run on the untrained model "
+        "and each method's final model: Optima's inference-scaling curve in the report",
+    )
 
     @model_validator(mode="after")
     def _budget_has_a_match(self) -> PipelineConfig:
@@ -108,6 +130,31 @@ class RunConfig(_Section):
     select: SelectConfig = SelectConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, data: Any) -> Any:
+        """Fill the keys whose published value depends on the dataset and that no stage can resolve from an
+        example (:mod:`dits.tasks.defaults`): ``train.dpo.beta``, ``train.sft_from`` and ``influence.beta``
+        (the DPO β unless set). A key the config sets is kept; a dataset without published defaults
+        fails here when one of them is left out."""
+        if not isinstance(data, dict):
+            return data
+        data = {k: _unset_as_dict(v) for k, v in data.items()}
+        task = data.get("task") or {}
+        dataset = task.get("dataset", TaskConfig.model_fields["dataset"].default)
+        train = dict(data.get("train") or {})
+        dpo = dict(train.get("dpo") or {})
+        influence = dict(data.get("influence") or {})
+        if "beta" not in dpo or "sft_from" not in train:
+            try:
+                published = method_defaults(dataset)
+            except KeyError as err:  # an unknown dataset: a config error naming the key
+                raise ValueError(f"task.dataset: {err.args[0]}") from None
+            dpo.setdefault("beta", published.dpo_beta)
+            train.setdefault("sft_from", published.sft_from)
+        influence.setdefault("beta", dpo["beta"])
+        return {**data, "train": {**train, "dpo": dpo}, "influence": influence}
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -115,6 +162,11 @@ class RunConfig(_Section):
         """The named sections as JSON data: what a stage's inputs record of the config."""
         data = self.model_dump(mode="json")
         return {n: data[n] for n in names}
+
+
+def _unset_as_dict(value: Any) -> Any:
+    """A section given as a model instance, as the dict of the keys it was given (so defaults stay unset)."""
+    return value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else value
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -126,6 +178,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif e["type"] == "literal_error":
             allowed = e.get("ctx", {}).get("expected", "")
             lines.append(f"  {key}: {e['input']!r} is not allowed; allowed values: {allowed}")
+        elif not e["loc"]:  # a whole-config check: its message names the key
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Test-set evaluation: the methods, the per-task record, and the summary with a bootstrap interval.
 
-Methods: ``mas`` (the two-agent protocol, greedy), ``cot`` (one agent, greedy), ``sc`` (self-consistency
-over k samples), ``debate`` (untrained multi-agent debate). :mod:`dits.stages.evaluate` runs them into a
-directory (resumable).
+Methods: ``mas`` (the two-agent protocol, greedy), ``mas-sc`` (inference scaling of the two-agent system as
+in Optima: k conversations sampled at temperature 0.5, majority vote over their agreed answers), ``cot`` (one
+agent, greedy), ``sc`` (self-consistency over k samples), ``debate`` (untrained multi-agent debate).
+:mod:`dits.stages.evaluate` runs them into a directory (resumable).
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ import numpy as np
 from pydantic import BaseModel
 from scipy import stats
 
-from dits.baselines import run_cot, run_debate
+from dits.baselines import majority, run_cot, run_debate
 from dits.engine.base import Engine
 from dits.mas.dialogue import Transcript, run_dialogues
 from dits.mas.protocol import ProtocolConfig
+from dits.seeding import derive_seed
 from dits.tasks.example import Example
+from dits.tasks.metrics import score_answer
 
-Method = Literal["mas", "cot", "sc", "debate"]
-METHODS: tuple[str, ...] = ("mas", "cot", "sc", "debate")
+Method = Literal["mas", "mas-sc", "cot", "sc", "debate"]
+METHODS: tuple[str, ...] = ("mas", "mas-sc", "cot", "sc", "debate")
+SAMPLED: frozenset[str] = frozenset({"sc", "mas-sc"})
+"""Methods that draw k samples per task (their results depend on k)."""
+MAS_SC_TEMPERATURE = 0.5
+"""Optima's sampling temperature for the multi-agent self-consistency curve."""
 
 
 class EvalRecord(BaseModel):
@@ -117,6 +124,8 @@ def run_method(
 ) -> list[Transcript]:
     if method == "mas":
         return run_dialogues(engine, examples, cfg, seeds=[seed] * len(examples))
+    if method == "mas-sc":
+        return run_mas_sc(engine, examples, cfg, k=k, seed=seed)
     if method == "cot":
         return run_cot(engine, examples, cfg, seed=seed)
     if method == "sc":
@@ -124,6 +133,33 @@ def run_method(
     if method == "debate":
         return run_debate(engine, examples, cfg, seed=seed)
     raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+
+
+def run_mas_sc(
+    engine: Engine, examples: Sequence[Example], cfg: ProtocolConfig, *, k: int, seed: int = 0
+) -> list[Transcript]:
+    """``k`` two-agent conversations per task at temperature 0.5 (one batched dialogue run, each with its
+    own seed), the answer the most of them agreed on (a conversation that hit the turn limit has no vote).
+    The record's turns are all k conversations' turns in order, so its tokens are what the answer cost."""
+    if k < 1:
+        raise ValueError(f"mas-sc needs k >= 1 conversations per task, got {k}")
+    flat = [ex for ex in examples for _ in range(k)]
+    seeds = [derive_seed(seed, "mas-sc", ex.id, j) for ex in examples for j in range(k)]
+    convs = run_dialogues(engine, flat, cfg, temperature=MAS_SC_TEMPERATURE, seeds=seeds)
+    out = []
+    for i, ex in enumerate(examples):
+        group = convs[i * k : (i + 1) * k]
+        answer = majority(ex, [c.answer if c.stop_reason == "agreed" else None for c in group])
+        out.append(
+            Transcript(
+                example_id=ex.id,
+                turns=[t for c in group for t in c.turns],
+                stop_reason="answered" if answer is not None else "no_answer",
+                answer=answer,
+                metric=score_answer(ex, answer),
+            )
+        )
+    return out
 
 
 def format_table(summaries: Sequence[EvalSummary]) -> str:

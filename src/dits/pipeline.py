@@ -13,8 +13,9 @@ synthesized pool. From ``budget`` on, and in every later iteration, each method 
 ``budget`` stage does work only for ``q-budget`` (Optima given the compute of the iteration's first
 influence-reading method, :mod:`dits.stages.budget`), which therefore runs after the methods it matches.
 
-Iteration ``i`` draws its training tasks from slice ``i`` of the train split (``task.train`` tasks per
-iteration), so no iteration searches a task an earlier one trained on; ``q-budget``'s extra trees take the
+Iteration ``i`` draws its training tasks from block ``i`` of the train split: ``task.train`` tasks for
+iSFT, then ``task.train`` other tasks for the search (as both references do), so no stage searches a
+task an earlier one trained on; ``q-budget``'s extra trees take the
 train tasks after all iterations' slices, each budget stage after the last. Influence is measured on the
 dev split, evaluation on the test split; the three are disjoint.
 
@@ -59,7 +60,7 @@ DEMO: dict[str, Any] = {
     "seed": 0,
     "task": {"dataset": "facts", "train": 24, "dev": 8, "test": 128},
     "protocol": {"max_turns": 4, "max_new_tokens": 32},
-    "sft_data": {"n_samples": 4, "keep_fraction": 1.0},
+    "sft_data": {"n_samples": 4, "keep_slice": [0.0, 1.0]},
     "search": {"explore": 2, "expand": 2},
     "influence": {"estimator": "gradient", "chunk_size": 2, "val_tasks": 8, "samples_per_task": 2},
     # One row per micro-batch: TRL's peak memory on this model grows ~1.5 GB (SFT) / 2.2 GB (DPO) per row of a
@@ -73,7 +74,7 @@ DEMO: dict[str, Any] = {
 }
 """The demo: iSFT, then Optima (``q``), Optima at DITS's compute (``q-budget``) and DITS (``mix``) trained
 from one pool, on the embedded model and the built-in information-exchange task, sized for a 2-core laptop
-(DESIGN.md section 10). Every qualifying best-of-4 conversation is kept for iSFT (``keep_fraction`` 1.0):
+(DESIGN.md section 10). Every qualifying best-of-4 conversation is kept for iSFT (``keep_slice`` [0, 1]):
 the untrained model solves few tasks, and the rows are what teaches the format."""
 
 
@@ -91,7 +92,8 @@ class Step:
     readers: frozenset[str]
     """The methods that will read this stage's output."""
     model: ModelRef
-    tasks: list[Example]
+    tasks: dict[str, list[Example]]
+    """The train tasks of the stages that draw them (``sft-data``, ``search``), by stage."""
     test: list[Example]
     products: dict[str, Product | None] = field(default_factory=dict)
     budget_of: Product | None = None
@@ -135,6 +137,13 @@ def _select(ctx: StageContext, s: Step) -> Product:
                         s.products.get("influence"))  # fmt: skip
 
 
+def _sft(ctx: StageContext, s: Step) -> ModelRef:
+    """iSFT on the lineage's samples, starting from the lineage's model or, with ``train.sft_from:
+    initial``, from the initial model (the samples still come from the lineage's model)."""
+    start = ModelRef.base(ctx.cfg) if ctx.cfg.train.sft_from == "initial" else s.model
+    return train_stage(ctx, s.iteration, s.owner, start, s.product("sft-data"), "sft")
+
+
 def _evaluate(ctx: StageContext, s: Step) -> None:
     evaluate_stage(ctx, s.iteration, s.owner, s.model, s.test)
 
@@ -146,11 +155,9 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {
-    "sft-data": StageSpec(lambda c, s: sft_data_stage(c, s.iteration, s.owner, s.model, s.tasks)),
-    "sft": StageSpec(
-        lambda c, s: train_stage(c, s.iteration, s.owner, s.model, s.product("sft-data"), "sft"), True
-    ),
-    "search": StageSpec(lambda c, s: search_stage(c, s.iteration, s.owner, s.model, s.tasks)),
+    "sft-data": StageSpec(lambda c, s: sft_data_stage(c, s.iteration, s.owner, s.model, s.tasks["sft-data"])),
+    "sft": StageSpec(_sft, True),
+    "search": StageSpec(lambda c, s: search_stage(c, s.iteration, s.owner, s.model, s.tasks["search"])),
     "influence": StageSpec(_influence),
     "budget": StageSpec(_budget),
     "select": StageSpec(_select),
@@ -168,17 +175,30 @@ SHARED_UNTIL = "budget"
 """In iteration 0, stages before this one are shared by all methods (same model, same tasks)."""
 
 
-def iteration_tasks(cfg: RunConfig, iteration: int) -> list[Example]:
-    """Slice ``iteration`` of the train split, ``task.train`` tasks long."""
+TASK_STAGES: tuple[str, ...] = ("sft-data", "search")
+"""The stages that draw train tasks, in the order their slices are laid out within an iteration."""
+
+
+def iteration_tasks(cfg: RunConfig, iteration: int) -> dict[str, list[Example]]:
+    """The train tasks of each task-drawing stage of the recipe in ``iteration``, ``task.train`` each:
+    iteration i takes the i-th block of the train split, and within it the search tasks come after the
+    iSFT tasks (as both references draw them), so no stage sees a task an earlier one trained on."""
     n = cfg.task.train
-    pool = examples_for(cfg.task, "train", limit=n * (iteration + 1))
-    tasks = pool[n * iteration : n * (iteration + 1)]
-    if len(tasks) < n:
+    stages = [st for st in TASK_STAGES if st in RECIPES[cfg.pipeline.recipe]]
+    width = n * len(stages)
+    pool = examples_for(cfg.task, "train", limit=width * (iteration + 1))
+    if len(pool) < width * (iteration + 1):
         raise ValueError(
-            f"iteration {iteration} needs train tasks {n * iteration}..{n * (iteration + 1) - 1}, but the "
-            f"{cfg.task.dataset} train split has {len(pool)}; lower task.train or pipeline.iterations"
+            f"iteration {iteration} needs train tasks {width * iteration}..{width * (iteration + 1) - 1} "
+            f"({n} for each of {', '.join(stages)}), but the {cfg.task.dataset} train split has {len(pool)}; "
+            "lower task.train or pipeline.iterations"
         )
-    return tasks
+    start = width * iteration
+    return {st: pool[start + k * n : start + (k + 1) * n] for k, st in enumerate(stages)}
+
+
+def tasks_per_iteration(cfg: RunConfig) -> int:
+    return cfg.task.train * sum(st in RECIPES[cfg.pipeline.recipe] for st in TASK_STAGES)
 
 
 class RunResult(BaseModel):
@@ -214,6 +234,8 @@ class Pipeline:
         test = examples_for(cfg.task, "test")
         if cfg.pipeline.evaluate_base:
             evaluate_stage(ctx, None, None, base, test)
+        for method in cfg.pipeline.baselines:
+            evaluate_stage(ctx, None, method, base, test, method=method, k=5, stage="baseline")
         recipe = RECIPES[cfg.pipeline.recipe]
         cut = recipe.index(SHARED_UNTIL) if SHARED_UNTIL in recipe else len(recipe)
         methods: list[str | None] = (
@@ -222,7 +244,7 @@ class Pipeline:
         methods.sort(key=lambda m: m is not None and budget_matched(m))  # after those they match
         everyone = frozenset(m for m in methods if m is not None)
         models: dict[str | None, ModelRef] = dict.fromkeys(methods, base)
-        first_spare = cfg.task.train * cfg.pipeline.iterations
+        first_spare = tasks_per_iteration(cfg) * cfg.pipeline.iterations
         for it in range(cfg.pipeline.iterations):
             tasks = iteration_tasks(cfg, it)
             shared: dict[str, Any] = {}
@@ -249,4 +271,10 @@ class Pipeline:
                 if step.products.get("budget") is not None:
                     first_spare += int(step.products["budget"].counts["trees"])
                 models[method] = step.model
+        last = cfg.pipeline.iterations - 1
+        for k in cfg.pipeline.scaling:  # the inference-scaling curve of the untrained and each final model
+            evaluate_stage(ctx, None, f"k{k}", base, test, method="mas-sc", k=k, stage="scaling")
+            for method, model in models.items():
+                evaluate_stage(ctx, last, f"{method or 'model'}-k{k}", model, test, method="mas-sc", k=k,
+                               stage="scaling")  # fmt: skip
         return RunResult(run_dir=str(self.run_dir), manifests=ctx.manifests)

@@ -6,15 +6,17 @@ shared stages included: the synthesized pool is charged to every method, its inf
 method that read them). Comparisons, on each method's last iteration: every trained method against the
 untrained model, and every method that reads influence against every one that does not, each as the mean
 per-task difference with a paired bootstrap interval over the same test tasks. The same figures go to
-``results.json`` (:class:`Results`). Plots: metric vs. communication tokens, metric vs. FLOPs per iteration,
-and influence vs. Q(best) of the candidate pairs.
+``results.json`` (:class:`Results`). The table also holds the evaluation baselines of the untrained model
+(``pipeline.baselines``) and each model's mas-sc inference-scaling points (``pipeline.scaling``), and gives
+communication tokens relative to the untrained system and to CoT. Plots: metric vs. communication tokens
+(the scaling curves included), metric vs. FLOPs per iteration, and influence vs. Q(best) of the pairs.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -43,6 +45,11 @@ class Row(BaseModel):
     method: str
     iteration: int | None
     """None: the untrained model."""
+    kind: Literal["model", "baseline", "scaling"] = "model"
+    """A lineage's evaluation (or the untrained model's), an evaluation baseline on the untrained model
+    (``pipeline.baselines``), or a point of a model's mas-sc scaling curve (``pipeline.scaling``)."""
+    k: int | None = None
+    """Samples per task of ``sc`` / conversations of ``mas-sc``."""
     metric: float
     low: float
     high: float
@@ -84,11 +91,13 @@ class Comparison(BaseModel):
 
 
 class Results(BaseModel):
-    """``results.json``: each method's last evaluation and the paired comparisons between them."""
+    """``results.json``: each method's last evaluation, the paired comparisons between them, and the
+    baselines' and inference-scaling evaluations."""
 
     run: str
     methods: dict[str, Row]
     comparisons: list[Comparison]
+    others: list[Row] = []
 
 
 def stage_manifests(run_dir: Path) -> list[tuple[str, StageManifest]]:
@@ -108,18 +117,23 @@ def stage_manifests(run_dir: Path) -> list[tuple[str, StageManifest]]:
     return out
 
 
+EXTRA_STAGES = frozenset({"baseline", "scaling"})
+"""Evaluation stages outside the lineages: their ``method`` field names the row, not a lineage."""
+
+
 def collect_rows(run_dir: Path) -> list[Row]:
     manifests = stage_manifests(run_dir)
-    methods = sorted({m.method for _, m in manifests if m.method is not None})
+    lineage = [(w, m) for w, m in manifests if m.stage not in EXTRA_STAGES]
+    methods = sorted({m.method for _, m in lineage if m.method is not None})
     rows: list[Row] = []
-    for where, m in manifests:
+    for where, m in lineage:
         if m.stage == "evaluate" and m.iteration is None:
             rows.append(_row(UNTRAINED, None, m, None, {}, where))
     for method in methods or [None]:
         spent: dict[str, float] = {}
-        iterations = sorted({m.iteration for _, m in manifests if m.iteration is not None})
+        iterations = sorted({m.iteration for _, m in lineage if m.iteration is not None})
         for it in iterations:
-            mine = [(w, m) for w, m in manifests if m.iteration == it and m.method in (None, method)]
+            mine = [(w, m) for w, m in lineage if m.iteration == it and m.method in (None, method)]
             for _, m in mine:
                 if _charged(m, method):
                     for key, value in m.ledger.items():
@@ -128,13 +142,40 @@ def collect_rows(run_dir: Path) -> list[Row]:
             for where, m in mine:
                 if m.stage == "evaluate":
                     rows.append(_row(method or "model", it, m, kept, spent, where))
-    return rows
+    return rows + _extra_rows(manifests, rows)
+
+
+def _extra_rows(manifests: list[tuple[str, StageManifest]], rows: list[Row]) -> list[Row]:
+    """Baselines on the untrained model, and each mas-sc point under the model it scales (``q mas-sc``),
+    charged as that model's row is."""
+    spent = {(r.method, r.iteration): r for r in rows}
+    out: list[Row] = []
+    for where, m in manifests:
+        if m.stage not in EXTRA_STAGES or m.method is None:
+            continue
+        k = int(m.counts["k"]) if "k" in m.counts else None
+        if m.stage == "baseline":
+            out.append(
+                _row(m.method, None, m, None, {}, where).model_copy(update={"kind": "baseline", "k": k})
+            )
+            continue
+        model = UNTRAINED if m.iteration is None else m.method.rsplit("-k", 1)[0]
+        base = spent.get((model, m.iteration))
+        row = _row(f"{model} mas-sc", m.iteration, m, None, {}, where)
+        if base is not None:
+            row = row.model_copy(
+                update={"flops": base.flops, "tokens": base.tokens, "pairs_kept": base.pairs_kept}
+            )
+        out.append(row.model_copy(update={"kind": "scaling", "k": k}))
+    return out
 
 
 def last_rows(rows: list[Row]) -> dict[str, Row]:
-    """Each method's row of its last iteration (the untrained model's one row)."""
+    """Each method's row of its last iteration (the untrained model's one row); lineages only."""
     out: dict[str, Row] = {}
     for r in rows:
+        if r.kind != "model":
+            continue
         if r.method not in out or (r.iteration or 0) >= (out[r.method].iteration or 0):
             out[r.method] = r
     return out
@@ -164,8 +205,10 @@ def comparisons(run_dir: Path, last: dict[str, Row]) -> list[Comparison]:
 
 def results(run_dir: Path, rows: list[Row] | None = None) -> Results:
     """The figures of ``results.json`` (``rows``: :func:`collect_rows` of the run, if already read)."""
-    last = last_rows(collect_rows(run_dir) if rows is None else rows)
-    return Results(run=run_dir.name, methods=last, comparisons=comparisons(run_dir, last))
+    rows = collect_rows(run_dir) if rows is None else rows
+    last = last_rows(rows)
+    others = [r for r in rows if r.kind != "model"]
+    return Results(run=run_dir.name, methods=last, comparisons=comparisons(run_dir, last), others=others)
 
 
 def _charged(m: StageManifest, method: str | None) -> bool:
@@ -198,10 +241,20 @@ def _it(iteration: int | None) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    header = ["method", "iteration", "test metric", "95% CI", "comm. tokens", "pairs kept", "ledger FLOPs"]
+    """One row per evaluation; the token columns are communication tokens per task relative to the
+    untrained two-agent system and to single-agent CoT (Optima's token-efficiency result), where the run
+    has them."""
+    ref = {r.method: r.comm_tokens for r in rows if r.method in (UNTRAINED, "cot") and r.k is None}
+
+    def ratio(r: Row, of: str) -> str:
+        return f"{r.comm_tokens / ref[of]:.2f}x" if ref.get(of) else "-"
+
+    header = ["method", "iteration", "test metric", "95% CI", "comm. tokens", "tokens vs untrained",
+              "tokens vs CoT", "pairs kept", "ledger FLOPs"]  # fmt: skip
     return _table(header, [
-        [r.method, _it(r.iteration), f"{r.metric:.3f}", f"[{r.low:.3f}, {r.high:.3f}]",
-         f"{r.comm_tokens:.1f}", "-" if r.pairs_kept is None else str(r.pairs_kept), f"{r.flops:.3g}"]
+        [r.method + ("" if r.k is None else f" (k={r.k})"), _it(r.iteration), f"{r.metric:.3f}",
+         f"[{r.low:.3f}, {r.high:.3f}]", f"{r.comm_tokens:.1f}", ratio(r, UNTRAINED), ratio(r, "cot"),
+         "-" if r.pairs_kept is None else str(r.pairs_kept), f"{r.flops:.3g}"]
         for r in rows
     ])  # fmt: skip
 
@@ -253,8 +306,11 @@ def _plots(run_dir: Path, rows: list[Row]) -> list[tuple[str, str]]:
             err = [[r.metric - r.low for r in rs], [r.high - r.metric for r in rs]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
             for r, x in zip(rs, xs, strict=True):
-                if r.iteration is not None:
-                    ax.annotate(f"it{r.iteration}", (x, r.metric), fontsize=7)
+                label = (
+                    f"k{r.k}" if r.kind == "scaling" else None if r.iteration is None else f"it{r.iteration}"
+                )
+                if label:
+                    ax.annotate(label, (x, r.metric), fontsize=7)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test metric")
         ax.legend(fontsize=8)

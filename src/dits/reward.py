@@ -4,7 +4,8 @@
 percentile of T over a calibration sample, and ``NLL_i`` the mean per-token negative log-likelihood of
 utterance i under the frozen initial model, each utterance scored on its own (no system prompt, no
 context), the term bounded by ``read_clip``. Penalties: T ≤ 40 or an utterance cut at the token limit → the
-token term is −1; a repeated utterance → the readability term is 0; an utterance that speaks for both
+token term is −1; T above ``max_tokens`` (2000) or an empty conversation → the readability term is −1 (as
+in the reference); a repeated utterance → the readability term is 0; an utterance that speaks for both
 agents → the task term is 0.
 """
 
@@ -19,20 +20,11 @@ from dits.engine.base import Engine
 from dits.mas.dialogue import Transcript, speaks_for_both
 from dits.mas.protocol import ProtocolConfig, turn_prefix
 from dits.tasks.example import Example
-
-# (λ_tok, λ_read) per dataset, from the Optima paper; information-exchange datasets share the first.
-DEFAULT_WEIGHTS: dict[str, tuple[float, float]] = {
-    "exchange": (-0.6, 1.0),
-    "gsm8k": (-0.4, 0.9),
-    "math": (-0.4, 0.9),
-    "arc": (-0.5, 0.6),
-    "mmlu": (-0.6, 0.7),
-    "arith": (-0.4, 0.9),  # the built-in arithmetic debate task follows GSM8K
-}
+from dits.tasks.loaders import method_defaults
 
 
 class RewardConfig(BaseModel):
-    """Reward weights; ``None`` takes the per-dataset default."""
+    """Reward weights; ``None`` takes the dataset's published default (:mod:`dits.tasks.defaults`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,6 +32,9 @@ class RewardConfig(BaseModel):
     lambda_read: float | None = None
     t_norm_percentile: float = Field(80.0, gt=0, le=100)
     min_tokens: int = Field(40, ge=0, description="T at or below this gets token term -1")
+    max_tokens: int = Field(
+        2000, ge=1, description="T above this, or an empty conversation, gets readability term -1 (reference)"
+    )
     read_clip: float = Field(
         1.0,
         gt=0,
@@ -61,10 +56,14 @@ class RewardBreakdown(BaseModel):
 
 
 def weights_for(example: Example, cfg: RewardConfig) -> tuple[float, float]:
-    key = "exchange" if example.mode == "exchange" else example.dataset
-    lt, lr = DEFAULT_WEIGHTS.get(key, DEFAULT_WEIGHTS["gsm8k"])
-    lt = cfg.lambda_tok if cfg.lambda_tok is not None else lt
-    return lt, cfg.lambda_read if cfg.lambda_read is not None else lr
+    """(λ_tok, λ_read): the config's, or the dataset's published ones where the config leaves ``None``."""
+    if cfg.lambda_tok is not None and cfg.lambda_read is not None:
+        return cfg.lambda_tok, cfg.lambda_read
+    d = method_defaults(example.dataset)
+    return (
+        cfg.lambda_tok if cfg.lambda_tok is not None else d.lambda_tok,
+        cfg.lambda_read if cfg.lambda_read is not None else d.lambda_read,
+    )
 
 
 def t_norm_from(token_counts: Sequence[int], percentile: float = 80.0) -> float:
@@ -117,5 +116,10 @@ def compute_reward(
     token = -1.0 if (cfg.min_tokens >= T or any(t.truncated for t in transcript.turns)) else lt * T / t_norm
     finite = [x for x in nlls if np.isfinite(x)]
     repeated = len(set(texts)) < len(texts)
-    read = 0.0 if (repeated or not finite) else min(lr / max(max(finite), 1e-6), cfg.read_clip)
+    if cfg.max_tokens < T or not any(t.strip() for t in texts):  # runaway or empty: the reference's −1
+        read = -1.0
+    elif repeated or not finite:
+        read = 0.0
+    else:
+        read = min(lr / max(max(finite), 1e-6), cfg.read_clip)
     return RewardBreakdown(task=task, token=token, read=read)

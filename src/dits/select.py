@@ -2,7 +2,9 @@
 
 Strategies: ``all``; ``random`` (seeded); ``q`` (Optima: by Q of the chosen utterance); ``q-budget`` (as
 ``q``, from a pool grown at DITS's compute, :mod:`dits.stages.budget`); ``influence`` (by the
-estimated influence of the pair's chunk); ``mix`` (default: ``norm(Q_best) + w · norm(I)``). All but ``all``
+estimated influence of the pair's chunk); ``mix`` (default: ``norm(Q_best) + w · norm(I)``); and the DITS
+reference's ablations ``mixHILQ`` (high influence, low Q: ``w · norm(I) − norm(Q)``) and ``mixLIHQ`` (low
+influence, high Q: ``norm(Q) − w · norm(I)``). All but ``all``
 keep ``max(1, floor(n · ratio))`` of n pairs (the reference rounding, so one pair is never dropped). A chunk's
 score applies to every pair in it. Ranking ties go to the earlier pair, and the kept pairs come back in
 their given order, so the same inputs always select the same training set.
@@ -32,10 +34,10 @@ __all__ = [
     "selection_values",
 ]
 
-Strategy = Literal["all", "random", "q", "q-budget", "influence", "mix"]
+Strategy = Literal["all", "random", "q", "q-budget", "influence", "mix", "mixHILQ", "mixLIHQ"]
 """A new strategy is added here, to :func:`selection_values` and, if it reads influence, to
 :data:`SCORED`."""
-SCORED: frozenset[str] = frozenset({"influence", "mix"})
+SCORED: frozenset[str] = frozenset({"influence", "mix", "mixHILQ", "mixLIHQ"})
 """The strategies that read influence scores (so an influence stage must run before them)."""
 BUDGET_MATCHED: frozenset[str] = frozenset({"q-budget"})
 """Optima given DITS's compute: ranks by Q like ``q``, from a pool grown with the extra search that costs
@@ -55,7 +57,7 @@ class SelectConfig(BaseModel):
 
     strategy: Strategy = "mix"
     ratio: float = Field(0.5, gt=0, le=1, description="fraction of the pairs kept (at least one)")
-    weight: float = Field(1.0, ge=0, description="w in norm(Q) + w·norm(I) (mix)")
+    weight: float = Field(1.0, ge=0, description="w, the weight of norm(I) in mix, mixHILQ and mixLIHQ")
     seed: int = 0
 
 
@@ -99,7 +101,7 @@ def selection_values(
     scores: Sequence[InfluenceScore] | Sequence[float] | None,
     cfg: SelectConfig,
 ) -> list[float]:
-    """The value each pair is ranked by under ``cfg.strategy`` (``q``, ``influence``, ``mix``)."""
+    """The value each pair is ranked by under ``cfg.strategy`` (every strategy but ``all`` and ``random``)."""
     q = [p.q_chosen for p in pairs]
     if cfg.strategy in ("q", "q-budget"):
         return q
@@ -108,8 +110,13 @@ def selection_values(
     infl = pair_influence(pairs, scores)
     if cfg.strategy == "influence":
         return infl
+    nq, ni = minmax(q), minmax(infl)
     if cfg.strategy == "mix":
-        return [a + cfg.weight * b for a, b in zip(minmax(q), minmax(infl), strict=True)]
+        return [a + cfg.weight * b for a, b in zip(nq, ni, strict=True)]
+    if cfg.strategy == "mixHILQ":
+        return [cfg.weight * b - a for a, b in zip(nq, ni, strict=True)]
+    if cfg.strategy == "mixLIHQ":
+        return [a - cfg.weight * b for a, b in zip(nq, ni, strict=True)]
     raise ValueError(f"strategy {cfg.strategy!r} does not rank pairs")
 
 

@@ -42,7 +42,7 @@ class InfluenceConfig(BaseModel):
     estimator: Literal["rollout", "likelihood", "gradient"] = "rollout"
     chunk_size: int = Field(5, ge=1, description="c: pairs per candidate (one DPO step on the whole chunk)")
     lr: float = Field(5e-5, ge=0)
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, description="the probe step's DPO β (run config: train.dpo.beta if unset)")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     val_tasks: int = Field(20, ge=1, description="V: validation tasks M averages over")
     samples_per_task: int = Field(
@@ -56,6 +56,12 @@ class InfluenceConfig(BaseModel):
         "sgd",
         description="gradient estimator: the first-order step is -lr·∇L ('sgd'), or the configured "
         "optimizer's first step ('optimizer': for a fresh AdamW, -lr·∇L/(|∇L|+ε) per entry)",
+    )
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="θ of the influence stage: the lineage's model after this many LoRA DPO steps on the "
+        "whole pool (the reference probes from such a warm-up model, 50 steps); 0: the lineage's model",
     )
     seed: int = 0
 

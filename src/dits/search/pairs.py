@@ -28,9 +28,9 @@ from dits.mas.protocol import ProtocolConfig, render_view, turn_prefix
 from dits.records import PreferencePair
 from dits.search.tree import Tree, node_order
 from dits.tasks.example import Example
+from dits.tasks.loaders import method_defaults
 
 __all__ = [
-    "HIGH_TAU_DATASETS",
     "PairConfig",
     "best_and_worst",
     "count_tree_pairs",
@@ -41,18 +41,14 @@ __all__ = [
     "render_pair",
 ]
 
-HIGH_TAU_DATASETS = frozenset({"math", "arc", "mmlu", "arith"})
-"""Datasets whose pairs need ``Q(best) > 0.45`` instead of 0.4 (DESIGN.md section 6; ``arith``, the built-in
-debate task, is treated like them)."""
-
 
 def default_tau(dataset: str) -> float:
-    """The published pair threshold for a dataset."""
-    return 0.45 if dataset in HIGH_TAU_DATASETS else 0.4
+    """The published pair threshold for a dataset (its registry entry, :mod:`dits.tasks.defaults`)."""
+    return method_defaults(dataset).tau
 
 
 class PairConfig(BaseModel):
-    """Pair mining knobs (DESIGN.md section 6); ``tau=None`` takes :func:`default_tau` per dataset."""
+    """Pair mining knobs (DESIGN.md section 6); ``tau=None`` takes the dataset's published τ."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from dits.artifacts import EVAL_SUMMARY_FILE, TRANSCRIPTS_FILE, append_jsonl, read_jsonl, write_json_atomic
 from dits.engine.base import Engine
-from dits.evaluate import EvalRecord, EvalSummary, run_method, summarize
+from dits.evaluate import SAMPLED, EvalRecord, EvalSummary, run_method, summarize
 from dits.executor import Executor, LocalExecutor
 from dits.mas.protocol import ProtocolConfig
 from dits.stages.context import ModelRef, StageContext, example_ids
@@ -76,18 +76,30 @@ def evaluate_to_dir(
 
 
 def evaluate_stage(
-    ctx: StageContext, iteration: int | None, owner: str | None, model: ModelRef, test: Sequence[Example]
+    ctx: StageContext,
+    iteration: int | None,
+    owner: str | None,
+    model: ModelRef,
+    test: Sequence[Example],
+    *,
+    method: str = "mas",
+    k: int = 1,
+    stage: str = "evaluate",
 ) -> None:
     """The evaluate stage: ``model`` on ``test`` with the two-agent protocol (``iteration`` None: the
-    untrained model)."""
+    untrained model), or with another evaluation ``method`` (``k`` samples for ``sc`` / ``mas-sc``) as a
+    ``baseline`` or ``scaling`` stage."""
     cfg = ctx.cfg
     inputs = {"model": model.digest, "tasks": example_ids(test), **cfg.sections("protocol")}
+    if method != "mas":
+        inputs |= {"method": method, "k": k}
 
     def body(out: Path) -> dict[str, float]:
         engine = ctx.activate(model)
-        s = evaluate_to_dir(engine, test, "mas", cfg.protocol, out, progress=ctx.progress,
+        s = evaluate_to_dir(engine, test, method, cfg.protocol, out, k=k, progress=ctx.progress,
                             executor=ctx.executor)  # fmt: skip
-        return {"metric": s.metric.mean, "low": s.metric.low, "high": s.metric.high,
-                "comm_tokens": s.comm_tokens, "n": s.n}  # fmt: skip
+        counts = {"metric": s.metric.mean, "low": s.metric.low, "high": s.metric.high,
+                  "comm_tokens": s.comm_tokens, "n": s.n}  # fmt: skip
+        return counts | ({"k": k} if method in SAMPLED else {})
 
-    ctx.run("evaluate", iteration, owner, inputs, body)
+    ctx.run(stage, iteration, owner, inputs, body)

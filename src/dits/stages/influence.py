@@ -7,20 +7,22 @@ its chunk index as ``candidate``; a rerun reads the file back (a torn last line 
 stored chunk against the pool, and scores only the missing ones.
 
 θ and the validation tasks come from :mod:`dits.stages.context` (:func:`influence_theta`,
-:func:`validation_tasks`), as they do for the influence-guided search: ``dits influence`` and the
-pipeline's influence stage give the same scores for the same config and pool.
+:func:`validation_tasks`), as they do for the influence-guided search (with ``influence.warmup_steps``,
+θ is first trained on the pool, as in the reference; the guided search, which has no pool yet, does not):
+``dits influence`` and the pipeline's influence stage give the same scores for the same config and pool.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from dits.artifacts import SCORES_FILE, StageIncomplete, append_jsonl, read_jsonl
+from dits.artifacts import SCORES_FILE, TRAIN_RESULT_FILE, StageIncomplete, append_jsonl, read_jsonl
 from dits.config import RunConfig
 from dits.engine.base import Engine
 from dits.engine.policy import TrainablePolicy
@@ -41,6 +43,9 @@ from dits.tasks.example import Example
 __all__ = ["InfluenceRun", "influence_stage", "score_pool"]
 
 log = logging.getLogger(__name__)
+
+WARMUP_DIR = "warmup"
+"""Where the stage keeps θ's warm-up adapter (``influence.warmup_steps > 0``)."""
 
 
 def _scored_chunks(path: Path, chunks: list[list[PreferencePair]]) -> dict[int, InfluenceScore]:
@@ -156,6 +161,33 @@ def score_pool(
     return run
 
 
+@contextmanager
+def _theta(engine: Engine, cfg: RunConfig, model: ModelRef, pairs: Path, out: Path) -> Iterator[str]:
+    """θ of the stage: :func:`influence_theta`, or with ``influence.warmup_steps`` the reference's warm-up
+    model: LoRA DPO from ``model`` on the whole pool for that many steps, saved under ``out/warmup`` (a
+    resumed stage loads it instead of training again) and charged to the stage."""
+    steps = cfg.influence.warmup_steps
+    if steps == 0:
+        with influence_theta(engine, cfg, model) as theta:  # type: ignore[arg-type]
+            yield theta
+        return
+    from dits.train import train_dpo
+
+    warm, name = out / WARMUP_DIR, "influence-warmup"
+    if (warm / TRAIN_RESULT_FILE).is_file():
+        engine.load_adapter(name, str(warm))
+    else:
+        dpo = cfg.train.dpo.model_copy(update={"max_steps": steps})
+        train_cfg = cfg.train.model_copy(update={"full_finetune": False, "dpo": dpo})
+        pool = read_jsonl(pairs, PreferencePair, repair=False)
+        init = model.path if model.kind == "adapter" else None
+        train_dpo(engine, pool, train_cfg, warm, init_adapter=init, adapter_name=name)  # type: ignore[arg-type]
+    try:
+        yield name
+    finally:
+        engine.delete_adapter(name)
+
+
 def influence_stage(
     ctx: StageContext,
     iteration: int,
@@ -172,10 +204,12 @@ def influence_stage(
     val = validation_tasks(cfg)
     inputs = {"model": model.digest, "pairs": pairs_digest, "val": example_ids(val),
               **cfg.sections("protocol", "influence"), "probe": probe_shape(cfg, model)}  # fmt: skip
+    if cfg.influence.warmup_steps:  # the warm-up θ is trained with the run's LoRA and DPO settings
+        inputs["warmup"] = cfg.sections("train")["train"]
 
     def body(out: Path) -> dict[str, float]:
         engine = ctx.activate(model)
-        with influence_theta(engine, cfg, model) as theta:
+        with _theta(engine, cfg, model, pairs, out) as theta:
             run = score_pool(engine, pairs, cfg, out, adapter=theta, val_examples=val, limit=limit,
                              progress=ctx.progress, executor=ctx.executor)  # fmt: skip
         if not run.complete:  # a --limit cut: the stage is not finished, so no manifest is written

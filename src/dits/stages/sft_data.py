@@ -3,8 +3,9 @@ rows.
 
 Per task, ``n`` conversations are sampled at temperature 0.7 (tasks and samples in large batched dialogue
 runs, each with its own seed, so a sample does not depend on its batch) and rewarded with the Optima
-reward. The best one of each task is kept if its reward reaches the threshold (0.5 information exchange,
-0.6 debate), and of those the top fraction (0.7) by reward. Each kept conversation gives one row per
+reward (T_norm: the task's longest sample, as the reference's iSFT). As in the reference, the tasks' best
+conversations are ranked by reward, the top 70% kept (MATH: ranks 10%–80%), and of those the ones below the
+dataset's ε dropped (:mod:`dits.tasks.defaults`). Each kept conversation gives one row per
 agent turn in TRL's conversational prompt-completion format: ``prompt`` is the renderer's view for that
 speaker at that point, ``completion`` the turn as one assistant message (with the forced turn prefix, the
 way the renderer writes an agent's own past turns), so training sees exactly the layout inference uses.
@@ -27,7 +28,6 @@ from dits.mas.dialogue import Transcript, run_dialogues
 from dits.mas.protocol import ProtocolConfig, own_turn_content, render_view
 from dits.records import SftRow
 from dits.reward import RewardBreakdown, RewardConfig, compute_reward, t_norm_from, utterance_nlls
-from dits.search.pairs import keep_count
 from dits.seeding import derive_seed
 from dits.stages.context import ModelRef, Product, StageContext, example_ids
 from dits.tasks.example import Example
@@ -64,7 +64,8 @@ class SampledConversation(BaseModel):
 class SftData(BaseModel):
     """Everything one iSFT data pass produced."""
 
-    t_norm: float
+    t_norm: float | None
+    """The one T_norm of every reward (None: each task's longest sample, ``token_norm: task_max``)."""
     samples: list[SampledConversation]
     kept: list[SampledConversation]
     """The selected conversations, in task order."""
@@ -83,13 +84,14 @@ def sample_conversations(
     nll_engine: Engine | None = None,
     progress: bool = False,
     batch: int = 256,
-) -> tuple[list[SampledConversation], float]:
+) -> tuple[list[SampledConversation], float | None]:
     """``cfg.n_samples`` conversations per task in batched dialogue runs of ``batch`` conversations (a
     progress bar counts them), rewarded with one scoring call.
 
-    Without ``t_norm`` the samples themselves are the calibration sample (they are drawn at the rollout
-    temperature, as section 5 asks). ``nll_engine`` runs the initial model for the readability NLLs
-    (default ``engine``). Returns the samples (task-major) and the ``T_norm`` used.
+    ``T_norm``: ``t_norm`` if given; else with ``cfg.token_norm == "task_max"`` (the reference) each task's
+    longest sample, else the ``reward.t_norm_percentile`` of all samples (drawn at the rollout temperature,
+    as section 5 asks). ``nll_engine`` runs the initial model for the readability NLLs (default
+    ``engine``). Returns the samples (task-major) and the one ``T_norm`` used (None: per task).
     """
     cfg = cfg or SftDataConfig()
     flat = [(ex, j) for ex in examples for j in range(cfg.n_samples)]
@@ -101,8 +103,17 @@ def sample_conversations(
             transcripts += run_dialogues(engine, part, protocol, temperature=cfg.temperature,
                                          top_p=cfg.top_p, seeds=seeds[i : i + batch])  # fmt: skip
             bar.update(len(part))
-    if t_norm is None:
+    norms: list[float]
+    if t_norm is not None:
+        norms = [t_norm] * len(flat)
+    elif cfg.token_norm == "percentile":
         t_norm = t_norm_from([tr.comm_tokens for tr in transcripts], reward.t_norm_percentile)
+        norms = [t_norm] * len(flat)
+    else:  # the reference's: each task's longest sample
+        longest: dict[str, int] = {}
+        for (ex, _), tr in zip(flat, transcripts, strict=True):
+            longest[ex.id] = max(longest.get(ex.id, 1), tr.comm_tokens)
+        norms = [float(longest[ex.id]) for ex, _ in flat]
     nlls = utterance_nlls(nll_engine or engine, transcripts, protocol)
     samples = [
         SampledConversation(
@@ -110,9 +121,9 @@ def sample_conversations(
             sample=j,
             seed=s,
             transcript=tr,
-            breakdown=compute_reward(ex, tr, nll, t_norm, reward),
+            breakdown=compute_reward(ex, tr, nll, norm, reward),
         )
-        for (ex, j), s, tr, nll in zip(flat, seeds, transcripts, nlls, strict=True)
+        for (ex, j), s, tr, nll, norm in zip(flat, seeds, transcripts, nlls, norms, strict=True)
     ]
     return samples, t_norm
 
@@ -120,22 +131,29 @@ def sample_conversations(
 def select_conversations(
     samples: Sequence[SampledConversation], examples: Sequence[Example], cfg: SftDataConfig | None = None
 ) -> list[SampledConversation]:
-    """Best of n per task (ties: the lower sample index), kept if its reward reaches the task's threshold;
-    then the top ``keep_fraction`` of those by reward (ties: task order), ``max(1, floor(n · fraction))``
-    of ``n``, as the pair miner rounds. Returned in task order."""
+    """The reference's iSFT selection (thunlp/Optima ``process_dataloader_for_sft``), per dataset: each
+    task's best sample (ties: the lower sample index); those sorted by reward (ties: task order) and cut to
+    the ranks ``[int(from·n), int(to·n))`` of the dataset's n tasks (top 70%; MATH 10%–80%); then the ones
+    below the dataset's ε dropped. Returned in task order."""
     cfg = cfg or SftDataConfig()
     order = {ex.id: i for i, ex in enumerate(examples)}
-    by_id = {ex.id: ex for ex in examples}
+    dataset_of = {ex.id: ex.dataset for ex in examples}
     best: dict[str, SampledConversation] = {}
     for s in samples:
-        if s.example_id not in by_id:
+        if s.example_id not in order:
             raise KeyError(f"sample for unknown example {s.example_id!r}")
         cur = best.get(s.example_id)
         if cur is None or (s.reward, -s.sample) > (cur.reward, -cur.sample):
             best[s.example_id] = s
-    qualified = [s for eid, s in best.items() if s.reward >= cfg.threshold_for(by_id[eid])]
-    qualified.sort(key=lambda s: (-s.reward, order[s.example_id]))
-    kept = qualified[: keep_count(len(qualified), cfg.keep_fraction, "reference")]
+    kept: list[SampledConversation] = []
+    for dataset in dict.fromkeys(ex.dataset for ex in examples):
+        ranked = sorted(
+            (b for eid, b in best.items() if dataset_of[eid] == dataset),
+            key=lambda s: (-s.reward, order[s.example_id]),
+        )
+        lo, hi = cfg.slice_for(dataset)
+        n, eps = len(ranked), cfg.threshold_for(dataset)
+        kept += [s for s in ranked[int(lo * n) : int(hi * n)] if s.reward >= eps]
     return sorted(kept, key=lambda s: order[s.example_id])
 
 
@@ -198,12 +216,12 @@ def build_sft_data(
     rows = [row for conv in kept for row in sft_rows(by_id[conv.example_id], conv, protocol)]
     data = SftData(t_norm=used_t_norm, samples=samples, kept=kept, rows=rows)
     log.info(
-        "sft-data: %d tasks x %d samples, kept %d conversations, %d rows (T_norm %.1f)",
+        "sft-data: %d tasks x %d samples, kept %d conversations, %d rows (T_norm %s)",
         len(examples),
         cfg.n_samples,
         len(kept),
         len(rows),
-        used_t_norm,
+        "per task (longest sample)" if used_t_norm is None else f"{used_t_norm:.1f}",
     )
     if out_dir is not None:
         out = Path(out_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dits.tasks.choice import MmluRow, arc_example, mmlu_example, read_mmlu_csv
+from dits.tasks.defaults import MethodDefaults, defaults_table
 from dits.tasks.example import Example, MetricName, Mode, canonical_split
 from dits.tasks.files import DatasetFormatError, RecordError, iter_json_array, iter_jsonl
 from dits.tasks.math_data import gsm8k_example, iter_math_dir, math_example
@@ -185,6 +186,8 @@ class DatasetSpec:
     builtin: bool = False
     split_dir_glob: str = ""
     """For folder-per-split datasets: what a split folder holds, so ``path`` may name that folder."""
+    defaults: MethodDefaults | None = None
+    """The published hyperparameters a config key left at ``None`` takes (:mod:`dits.tasks.defaults`)."""
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -258,6 +261,8 @@ def _cbt_hub(config: str) -> HubSource:
     return HubSource("cbt", config, splits, _hub_cbt)
 
 
+_PUBLISHED = defaults_table()
+
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
@@ -274,6 +279,7 @@ DATASETS: dict[str, DatasetSpec] = {
             _read_json_array,
             _mh("hotpotqa"),
             HubSource("hotpot_qa", "distractor", {"train": HubSplit("train"), **_HALVES}, _hub_multihop),
+            defaults=_PUBLISHED["hotpotqa"],
         ),
         DatasetSpec(
             "2wiki",
@@ -284,6 +290,7 @@ DATASETS: dict[str, DatasetSpec] = {
             _read_json_array,
             _mh("2wiki"),
             HubSource("xanhho/2WikiMultihopQA", None, {"train": HubSplit("train"), **_HALVES}, _hub_multihop),
+            defaults=_PUBLISHED["2wiki"],
         ),
         DatasetSpec(
             "triviaqa",
@@ -303,9 +310,18 @@ DATASETS: dict[str, DatasetSpec] = {
             _read_triviaqa,
             _triviaqa_make,
             HubSource("mandarjoshi/trivia_qa", "rc", {"train": HubSplit("train"), **_HALVES}, _hub_triviaqa),
+            defaults=_PUBLISHED["triviaqa"],
         ),
         DatasetSpec(
-            "cbt", "exchange", "f1", "cbt", _cbt_files("CN"), _read_cbt, _cbt_make("cbt"), _cbt_hub("CN")
+            "cbt",
+            "exchange",
+            "f1",
+            "cbt",
+            _cbt_files("CN"),
+            _read_cbt,
+            _cbt_make("cbt"),
+            _cbt_hub("CN"),
+            defaults=_PUBLISHED["cbt"],
         ),
         DatasetSpec(
             "cbt_ne",
@@ -316,6 +332,7 @@ DATASETS: dict[str, DatasetSpec] = {
             _read_cbt,
             _cbt_make("cbt_ne"),
             _cbt_hub("NE"),
+            defaults=_PUBLISHED["cbt"],
         ),
         DatasetSpec(
             "gsm8k",
@@ -335,6 +352,7 @@ DATASETS: dict[str, DatasetSpec] = {
                 },
                 _identity,
             ),
+            defaults=_PUBLISHED["gsm8k"],
         ),
         DatasetSpec(
             "math",
@@ -355,6 +373,7 @@ DATASETS: dict[str, DatasetSpec] = {
                 _identity,
             ),
             split_dir_glob="*/*.json",
+            defaults=_PUBLISHED["math"],
         ),
         DatasetSpec(
             "arc",
@@ -374,6 +393,7 @@ DATASETS: dict[str, DatasetSpec] = {
                 {"train": HubSplit("train"), "dev": HubSplit("validation"), "test": HubSplit("test")},
                 _hub_arc,
             ),
+            defaults=_PUBLISHED["arc"],
         ),
         DatasetSpec(
             "mmlu",
@@ -395,9 +415,10 @@ DATASETS: dict[str, DatasetSpec] = {
                 _hub_mmlu,
             ),
             split_dir_glob="*.csv",
+            defaults=_PUBLISHED["mmlu"],
         ),
-        DatasetSpec("facts", "exchange", "f1", builtin=True),
-        DatasetSpec("arith", "debate", "numeric", builtin=True),
+        DatasetSpec("facts", "exchange", "f1", builtin=True, defaults=_PUBLISHED["hotpotqa"]),
+        DatasetSpec("arith", "debate", "numeric", builtin=True, defaults=_PUBLISHED["gsm8k"]),
     )
 }
 """Every dataset name :func:`load_examples` accepts, with its protocol mode and metric."""
@@ -409,6 +430,18 @@ def dataset_spec(dataset: str) -> DatasetSpec:
         return DATASETS[dataset]
     except KeyError:
         raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}") from None
+
+
+def method_defaults(dataset: str) -> MethodDefaults:
+    """The published defaults of a registered dataset; a clear error for one registered without them."""
+    spec = dataset_spec(dataset)
+    if spec.defaults is None:
+        raise ValueError(
+            f"dataset {dataset!r} has no published defaults (reward weights, pairs.tau, sft_data threshold "
+            "and slice, train.dpo.beta, train.sft_from): add a MethodDefaults to its DatasetSpec in "
+            "dits.tasks.loaders, or set those keys in the config"
+        )
+    return spec.defaults
 
 
 # -------------------------------------------------------------------------------------------- resolving

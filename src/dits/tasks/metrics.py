@@ -59,9 +59,16 @@ def _aliases(gold: str | Sequence[str]) -> list[str]:
     return aliases
 
 
+_YES_NO = frozenset({"yes", "no", "noanswer"})
+
+
 def _f1_single(prediction: str, gold: str) -> float:
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(gold).split()
+    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    # The official HotpotQA (and 2WikiMultihopQA) rule: a yes/no answer is all or nothing, so "no" earns no
+    # partial credit against "no, he did not" and "yes it is" none against "yes".
+    if (pred in _YES_NO or ref in _YES_NO) and pred != ref:
+        return 0.0
+    pred_tokens, gold_tokens = pred.split(), ref.split()
     if not pred_tokens or not gold_tokens:
         return float(pred_tokens == gold_tokens)
     common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())

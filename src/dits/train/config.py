@@ -76,7 +76,9 @@ class SftSettings(_Phase):
 
 class DpoSettings(_Phase):
     lr: float = Field(5e-5, gt=0, description="LoRA default; the paper's full FT uses 5e-7")
-    beta: float = Field(0.1, gt=0, description="0.1-0.7 by dataset in the paper")
+    beta: float = Field(
+        0.1, gt=0, description="in a run config the dataset's published β unless set (0.1-0.7, DITS recipes)"
+    )
     max_prompt_length: int | None = Field(
         None,
         ge=1,
@@ -89,6 +91,11 @@ class TrainConfig(_Section):
 
     lora: LoraSettings = LoraSettings()
     full_finetune: bool = Field(False, description="train every weight of the base model instead of a LoRA")
+    sft_from: Literal["initial", "previous"] = Field(
+        "previous",
+        description="the model iSFT of iteration i > 0 starts from; in a run config the dataset's published "
+        "choice unless set (Optima: previous for information exchange, initial for debate; DITS: initial)",
+    )
     seed: int = 0
     sft: SftSettings = SftSettings()
     dpo: DpoSettings = DpoSettings()
