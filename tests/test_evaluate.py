@@ -131,3 +131,35 @@ def test_paired_metrics_align_by_task_and_refuse_different_task_sets():
     assert paired_metrics(a, b) == ([0.0, 1.0], [0.5, 0.25])
     with pytest.raises(ValueError, match="different tasks"):
         paired_metrics(a, [rec("t1", 0.5)])
+
+
+def test_cli_evaluate_with_an_adapter_and_mas_sc(engine, tmp_path, monkeypatch):
+    """``--adapter`` loads a saved LoRA (it used to fail: PEFT cannot register an adapter named "eval",
+    nn.Module.eval is taken) and ``mas-sc --samples 2`` writes its own k-tagged directory. A zero LoRA gives
+    the base model's greedy transcripts; each mas-sc record holds its 2 conversations' turns."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=True)
+    peft_model = get_peft_model(engine.base, cfg, adapter_name="tmp")
+    peft_model.save_pretrained(tmp_path / "zero", selected_adapters=["tmp"])
+    assert peft_model.unload() is engine.base
+    adapter = next(p.parent for p in (tmp_path / "zero").rglob("adapter_config.json"))
+    monkeypatch.setattr("dits.engine.make_engine", lambda *_a, **_k: engine)
+    common = ["evaluate", "--dataset", "arith", "--limit", "2", "--max-new-tokens", "8", "--max-turns", "2"]
+    try:
+        assert main([*common, "--out", str(tmp_path / "base")]) == 0
+        lora = ["--adapter", str(adapter), "--method", "mas", "--method", "mas-sc", "--samples", "2"]
+        assert main([*common, *lora, "--out", str(tmp_path / "lora")]) == 0
+    finally:
+        engine.set_adapter(None)
+        if "evaluated" in engine.adapter_names():
+            engine.delete_adapter("evaluated")
+
+    def records(path):  # type: ignore[no-untyped-def]
+        return read_jsonl(path / "transcripts.jsonl", EvalRecord)
+
+    base, same = records(tmp_path / "base" / "arith-test-mas"), records(tmp_path / "lora" / "arith-test-mas")
+    assert [r.transcript.texts for r in same] == [r.transcript.texts for r in base]
+    sc = records(tmp_path / "lora" / "arith-test-mas-sc-k2")
+    assert [r.method for r in sc] == ["mas-sc", "mas-sc"]
+    assert all(len(r.transcript.turns) == 4 for r in sc)  # 2 conversations x 2 turns (the limit)

@@ -90,8 +90,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = ProtocolConfig(**overrides)
     engine = make_engine(args.backend, args.model)
     if args.adapter:
-        engine.load_adapter("eval", args.adapter)
-        engine.set_adapter("eval")
+        # Not "eval": PEFT registers adapters as submodules, and nn.Module.eval is taken.
+        engine.load_adapter("evaluated", args.adapter)
+        engine.set_adapter("evaluated")
     summaries = []
     for method in args.method or ["mas"]:
         tag = f"{method}-k{args.k}" if method in SAMPLED else method  # each k is its own evaluation
