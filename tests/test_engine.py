@@ -166,7 +166,7 @@ def test_growing_cache_holds_what_dynamic_cache_holds():
     step(5, 1)
     ours.batch_repeat_interleave(4)
     ref.batch_repeat_interleave(4)
-    for _ in range(40):  # beyond the first buffer's capacity (2 * 6 + 16)
+    for _ in range(40):  # beyond the first buffer's capacity (5 + the default reserve of 16)
         step(1, 4)
     sel = torch.tensor([0, 2])
     ours.batch_select_indices(sel)
