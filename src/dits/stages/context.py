@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dits.artifacts import StageManifest, digest, file_digest, run_stage
 from dits.config import RunConfig
-from dits.engine import Engine, engine_from_config
+from dits.engine import Engine, engine_from_config, policy_from_config
 from dits.engine.policy import TrainablePolicy
 from dits.executor import Executor, LocalExecutor
 from dits.influence.inputs import probe_adapter
@@ -87,15 +87,20 @@ class Product(BaseModel):
 
 
 class EngineHolder:
-    """The run's engine, rebuilt only when a lineage's full fine-tuned weights must replace the base.
+    """The run's engine, rebuilt only when a lineage's full fine-tuned weights must replace the base, and
+    its trainable side.
 
-    A rebuilt engine charges the same ledger, so stage costs stay on one run-wide account."""
+    With ``hf`` one engine both generates and trains. With ``vllm`` generation runs on vLLM and training
+    (and the influence estimators, which differentiate or train one step) on an ``hf`` policy of the same
+    model, built when first needed; the adapters it trains reach vLLM as saved directories, loaded under a
+    new vLLM name each time. All of them charge the same ledger, so stage costs stay on one account."""
 
     def __init__(self, cfg: RunConfig, engine: Engine | None = None) -> None:
         self.cfg = cfg
         self._engine = engine
         self._base_path: str | None = None
         self._initial: Engine | None = None
+        self._policy: TrainablePolicy | None = None
 
     @property
     def engine(self) -> Engine:
@@ -124,8 +129,27 @@ class EngineHolder:
         self._base_path = model
         return self._engine
 
+    def policy(self, ref: ModelRef) -> TrainablePolicy:
+        """The trainable side with ``ref`` active: the engine itself when it can train (``hf``)."""
+        engine = self.activate(ref)
+        if isinstance(engine, TrainablePolicy):
+            return engine
+        if ref.kind == "full":  # RunConfig refuses full fine-tuning with vllm; a stray ref must not pass
+            raise ValueError("full fine-tuned weights cannot be served by the vllm engine")
+        if self._policy is None:
+            self._policy = policy_from_config(self.cfg.engine, ledger=engine.ledger)
+        policy = self._policy
+        if ref.kind == "adapter":
+            assert ref.path is not None
+            if ref.adapter_name not in policy.adapter_names():
+                policy.load_adapter(ref.adapter_name, ref.path)
+            policy.set_adapter(ref.adapter_name)
+        else:
+            policy.set_adapter(None)
+        return policy
+
     def activate(self, ref: ModelRef) -> Engine:
-        """Make ``ref`` the model that generate/score/train use."""
+        """Make ``ref`` the model that generate/score use."""
         engine = self.engine
         if ref.kind == "full" and self._base_path != ref.path:
             engine = self._rebuild(ref.path)
@@ -214,7 +238,12 @@ class StageContext:
         return derive_seed(self.cfg.seed, stage, iteration)
 
     def activate(self, model: ModelRef) -> Engine:
+        """The engine that generates and scores, with ``model`` active."""
         return self.holder.activate(model)
+
+    def policy(self, model: ModelRef) -> TrainablePolicy:
+        """The engine that trains and runs the influence estimators, with ``model`` active."""
+        return self.holder.policy(model)
 
     def run(
         self,

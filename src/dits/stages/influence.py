@@ -162,13 +162,13 @@ def score_pool(
 
 
 @contextmanager
-def _theta(engine: Engine, cfg: RunConfig, model: ModelRef, pairs: Path, out: Path) -> Iterator[str]:
+def _theta(engine: TrainablePolicy, cfg: RunConfig, model: ModelRef, pairs: Path, out: Path) -> Iterator[str]:
     """θ of the stage: :func:`influence_theta`, or with ``influence.warmup_steps`` the reference's warm-up
     model: LoRA DPO from ``model`` on the whole pool for that many steps, saved under ``out/warmup`` (a
     resumed stage loads it instead of training again) and charged to the stage."""
     steps = cfg.influence.warmup_steps
     if steps == 0:
-        with influence_theta(engine, cfg, model) as theta:  # type: ignore[arg-type]
+        with influence_theta(engine, cfg, model) as theta:
             yield theta
         return
     from dits.train import train_dpo
@@ -181,7 +181,7 @@ def _theta(engine: Engine, cfg: RunConfig, model: ModelRef, pairs: Path, out: Pa
         train_cfg = cfg.train.model_copy(update={"full_finetune": False, "dpo": dpo})
         pool = read_jsonl(pairs, PreferencePair, repair=False)
         init = model.path if model.kind == "adapter" else None
-        train_dpo(engine, pool, train_cfg, warm, init_adapter=init, adapter_name=name)  # type: ignore[arg-type]
+        train_dpo(engine, pool, train_cfg, warm, init_adapter=init, adapter_name=name)
     try:
         yield name
     finally:
@@ -208,7 +208,7 @@ def influence_stage(
         inputs["warmup"] = cfg.sections("train")["train"]
 
     def body(out: Path) -> dict[str, float]:
-        engine = ctx.activate(model)
+        engine = ctx.policy(model)  # the estimators train θ one step or differentiate through it
         with _theta(engine, cfg, model, pairs, out) as theta:
             run = score_pool(engine, pairs, cfg, out, adapter=theta, val_examples=val, limit=limit,
                              progress=ctx.progress, executor=ctx.executor)  # fmt: skip

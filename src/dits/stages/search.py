@@ -42,6 +42,7 @@ from dits.artifacts import (
 )
 from dits.config import RunConfig
 from dits.engine.base import Engine
+from dits.engine.policy import TrainablePolicy
 from dits.executor import Executor, LocalExecutor
 from dits.influence import make_estimator
 from dits.records import PreferencePair
@@ -313,7 +314,7 @@ def grow_pool(
 
 @contextmanager
 def prepared_guide(
-    engine: Engine, cfg: RunConfig, model: ModelRef, examples: Sequence[Example]
+    engine: TrainablePolicy, cfg: RunConfig, model: ModelRef, examples: Sequence[Example]
 ) -> Iterator[InfluenceGuide]:
     """The guide ``cfg.guide`` describes, its estimator prepared on θ (:func:`influence_theta`: the
     lineage's adapter, or a seeded probe LoRA removed after the block, inactive so rollouts run on the
@@ -355,7 +356,7 @@ def search_stage(
         engine = ctx.activate(model)
 
         def make_guide() -> AbstractContextManager[InfluenceGuide]:
-            return prepared_guide(engine, cfg, model, tasks)
+            return prepared_guide(ctx.policy(model), cfg, model, tasks)
 
         s = grow_pool(engine, tasks, cfg, out, seed=seed, pairs=pair_cfg, progress=ctx.progress,
                       shard_size=shard_size, make_guide=make_guide if cfg.guide.lam != 0 else None,

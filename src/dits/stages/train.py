@@ -36,7 +36,7 @@ def train_stage(
     def body(out: Path) -> dict[str, float]:
         from dits.train import train_dpo, train_sft
 
-        engine = ctx.activate(model)
+        engine = ctx.policy(model)
         init = model.path if model.kind == "adapter" else None
         if kind == "sft":
             rows = read_jsonl(data.file(SFT_FILE), SftRow)
