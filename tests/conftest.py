@@ -24,6 +24,7 @@ def vllm_engine():
         pytest.importorskip("vllm")
     from dits.engine.vllm import VLLMEngine, VLLMSettings
 
-    engine = VLLMEngine("smollm2-135m", VLLMSettings(kv_cache_gib=1.0, max_num_seqs=16, max_model_len=4096))
+    settings = VLLMSettings(kv_cache_gib=1.0, max_num_seqs=16, max_model_len=4096, max_lora_rank=8)
+    engine = VLLMEngine("smollm2-135m", settings)
     yield engine
     engine.close()

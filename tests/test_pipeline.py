@@ -336,7 +336,7 @@ def test_the_reward_keeps_the_initial_model_after_a_full_fine_tune(monkeypatch):
 
     built: list[str | None] = []
 
-    def factory(cfg, *, model=None, ledger=None):  # type: ignore[no-untyped-def]
+    def factory(cfg, *, model=None, ledger=None, **_):  # type: ignore[no-untyped-def]
         built.append(model)
         engine = SeededEngine()
         engine.weights = model or "initial"  # type: ignore[attr-defined]

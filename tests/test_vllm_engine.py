@@ -163,3 +163,42 @@ def test_adapter_the_engine_cannot_serve_is_refused(vllm_engine, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 512, "target_modules": ["q_proj"]}))
     with pytest.raises(ValueError, match="max_lora_rank"):
         vllm_engine.load_adapter("bad", str(tmp_path))
+
+
+def test_a_run_generates_on_vllm_and_trains_on_the_hf_policy(engine, vllm_engine, tmp_path):
+    """A tiny idpo run with ``engine.backend: vllm``: search and evaluation on vLLM, DPO on the hf policy
+    (charged to the same ledger), the trained adapter hot-loaded into vLLM, which then answers as the hf
+    engine does with that adapter."""
+    from dits.artifacts import read_jsonl
+    from dits.config import parse_config
+    from dits.evaluate import EvalRecord
+    from dits.pipeline import Pipeline
+    from dits.stages.evaluate import evaluate_to_dir
+    from dits.tasks.source import examples_for
+    from tests.test_pipeline import TINY
+
+    spec = {**TINY, "engine": {"backend": "vllm"}}
+    spec["pipeline"] = {"recipe": "idpo", "iterations": 1, "methods": ["q", "mix"]}
+    cfg = parse_config(spec)
+    pipe = Pipeline(cfg, tmp_path, engine=vllm_engine, progress=False)
+    pipe.run()
+    run = tmp_path / "tiny"
+    policy = pipe.ctx.holder._policy
+    assert policy is not None and policy is not vllm_engine and policy.ledger is vllm_engine.ledger
+    dpo = json.loads((run / "iter_0/dpo-mix/manifest.json").read_text())
+    assert dpo["counts"]["trained"] == 1 and dpo["ledger"]["trained_tokens"] > 0
+    search = json.loads((run / "iter_0/search/manifest.json").read_text())
+    assert search["ledger"]["generated_tokens"] > 0 and search["ledger"]["cached_tokens"] > 0
+    # The adapter vLLM served in evaluate-mix is the one DPO trained: hf with it gives the same transcripts.
+    assert set(vllm_engine.adapter_names()) & set(policy.adapter_names())  # trained there, served here
+    engine.load_adapter("dpo-mix", str(run / "iter_0/dpo-mix"))
+    engine.set_adapter("dpo-mix")
+    try:
+        test = examples_for(cfg.task, "test")
+        evaluate_to_dir(engine, test, "mas", cfg.protocol, tmp_path / "hf-eval", progress=False)
+    finally:
+        engine.set_adapter(None)
+        engine.delete_adapter("dpo-mix")
+    ours = [r.transcript.turns for r in read_jsonl(run / "iter_0/evaluate-mix/transcripts.jsonl", EvalRecord)]
+    ref = [r.transcript.turns for r in read_jsonl(tmp_path / "hf-eval/transcripts.jsonl", EvalRecord)]
+    assert len(ours) == len(test) and sum(a == b for a, b in zip(ours, ref, strict=True)) >= len(test) - 1

@@ -30,10 +30,11 @@ def make_engine(backend: str = "hf", model: str = "smollm2-135m", **kwargs: Any)
 
 
 def engine_from_config(
-    cfg: EngineConfig, *, model: str | None = None, ledger: Ledger | None = None
+    cfg: EngineConfig, *, model: str | None = None, ledger: Ledger | None = None, lora_rank: int = 16
 ) -> Engine:
     """The engine a config section names; ``model`` replaces its model (a full fine-tune's directory),
-    ``ledger`` makes the new engine charge an existing account."""
+    ``ledger`` makes the new engine charge an existing account, ``lora_rank`` is the rank of the run's
+    adapters (what vLLM must serve unless ``engine.max_lora_rank`` says otherwise)."""
     kwargs: dict[str, Any] = {
         "dtype": cfg.dtype,
         "trust_remote_code": cfg.trust_remote_code,
@@ -49,7 +50,7 @@ def engine_from_config(
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             kv_cache_gib=cfg.kv_cache_gib,
             max_model_len=cfg.max_model_len,
-            max_lora_rank=cfg.max_lora_rank,
+            max_lora_rank=cfg.max_lora_rank or lora_rank,
             max_loras=cfg.max_loras,
         )
     return make_engine(cfg.backend, model or cfg.model, **kwargs)

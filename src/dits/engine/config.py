@@ -26,8 +26,13 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     kv_cache_gib: float = Field(2.0, gt=0)
     max_model_len: int | None = Field(None, ge=256)
-    max_lora_rank: int = Field(64, ge=1)
-    max_loras: int = Field(4, ge=1)
+    max_lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="largest LoRA rank vLLM serves; None: the run's train.lora.r (vLLM's CPU LoRA kernels "
+        "cost in proportion to it: rank 64 made decoding 6x slower than rank 8 here)",
+    )
+    max_loras: int = Field(1, ge=1, description="adapters vLLM runs in one batch (dits uses one at a time)")
 
     def identity(self) -> dict[str, str]:
         """What decides the model's outputs (not its batching): part of every stage's inputs."""

@@ -59,8 +59,8 @@ class VLLMSettings:
     """KV-cache size on a CPU (vLLM's ``VLLM_CPU_KVCACHE_SPACE``); on a GPU the utilisation decides."""
     max_num_seqs: int = 64
     max_model_len: int | None = None
-    max_lora_rank: int = 64
-    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_loras: int = 1
     enforce_eager: bool | None = None
     """None: eager on a CPU (graph capture cost minutes there and gained nothing measurable), graphs on
     GPUs."""

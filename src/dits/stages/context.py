@@ -29,6 +29,7 @@ from dits.engine import Engine, engine_from_config, policy_from_config
 from dits.engine.policy import TrainablePolicy
 from dits.executor import Executor, LocalExecutor
 from dits.influence.inputs import probe_adapter
+from dits.ledger import Ledger
 from dits.seeding import derive_seed
 from dits.tasks.example import Example
 from dits.tasks.source import examples_for
@@ -105,7 +106,7 @@ class EngineHolder:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = engine_from_config(self.cfg.engine)
+            self._engine = self._build(None, None)
         return self._engine
 
     def initial(self) -> Engine:
@@ -114,7 +115,7 @@ class EngineHolder:
         if self._base_path is None:
             return self.engine
         if self._initial is None:
-            self._initial = engine_from_config(self.cfg.engine, ledger=self.engine.ledger)
+            self._initial = self._build(None, self.engine.ledger)
         return self._initial
 
     def adopt_full(self, path: str) -> None:
@@ -123,9 +124,12 @@ class EngineHolder:
             self._initial = None
         self._base_path = path
 
+    def _build(self, model: str | None, ledger: Ledger | None) -> Engine:
+        rank = self.cfg.train.lora.r
+        return engine_from_config(self.cfg.engine, model=model, ledger=ledger, lora_rank=rank)
+
     def _rebuild(self, model: str | None) -> Engine:
-        ledger = self.engine.ledger
-        self._engine = engine_from_config(self.cfg.engine, model=model, ledger=ledger)
+        self._engine = self._build(model, self.engine.ledger)
         self._base_path = model
         return self._engine
 
