@@ -76,7 +76,7 @@ def test_shared_reference_numbers(name: str):
     cfg = _load(name)
     assert cfg.name == f"paper-{name}"
     e = cfg.engine
-    assert (e.backend, e.model, e.dtype) == ("hf", "meta-llama/Meta-Llama-3-8B-Instruct", "bfloat16")
+    assert (e.backend, e.model, e.dtype) == ("vllm", "meta-llama/Meta-Llama-3-8B-Instruct", "bfloat16")
     assert cfg.protocol.max_turns == 10
     assert cfg.rollout.temperature == 0.7
     s = cfg.search

@@ -353,3 +353,47 @@ def test_the_reward_keeps_the_initial_model_after_a_full_fine_tune(monkeypatch):
     assert back.weights == "initial" and back is holder.initial() and built == [None, None]
     holder.adopt_full("/ft/2")  # a second lineage trains that engine in place: it is not initial now
     assert holder.initial() is not back and holder.initial().weights == "initial" and len(built) == 3
+
+
+def test_vllm_full_fine_tune_rebuilds_the_served_engine_and_keeps_an_initial_scorer(monkeypatch):
+    """``vllm`` + ``train.full_finetune``: the hf policy trains in place; vLLM is restarted (the old one
+    closed) on the saved weights when a lineage's model is activated; the reward's initial model stays the
+    initial weights without a second vLLM."""
+    from dits.config import parse_config
+    from dits.stages.context import EngineHolder, ModelRef
+    from tests.test_rollout import SeededEngine
+
+    made: list[tuple[str, str]] = []
+
+    def fake(kind: str):  # type: ignore[no-untyped-def]
+        def factory(cfg, *, model=None, ledger=None, **_):  # type: ignore[no-untyped-def]
+            engine = SeededEngine()
+            engine.weights, engine.kind, engine.closed = model or "initial", kind, False  # type: ignore[attr-defined]
+            engine.close = lambda: setattr(engine, "closed", True)  # type: ignore[attr-defined]
+            made.append((kind, model or "initial"))
+            return engine
+
+        return factory
+
+    monkeypatch.setattr("dits.stages.context.engine_from_config", fake("vllm"))
+    monkeypatch.setattr("dits.stages.context.policy_from_config", fake("hf"))
+    holder = EngineHolder(parse_config({"engine": {"backend": "vllm"}, "train": {"full_finetune": True}}))
+    base = ModelRef(kind="base", digest="b")
+    served, policy = holder.activate(base), holder.policy(base)
+    assert (served.kind, policy.kind) == ("vllm", "hf") and holder.initial() is served
+    holder.adopt_full("/ft/1")  # SFT trained the policy in place; vLLM still serves the initial weights
+    assert holder.policy(ModelRef(kind="full", path="/ft/1", digest="f")) is policy
+    assert holder.initial() is served
+    full = holder.activate(ModelRef(kind="full", path="/ft/1", digest="f"))
+    assert (full.kind, full.weights) == ("vllm", "/ft/1") and served.closed
+    scorer = holder.initial()  # an hf engine on the initial weights, not a second vLLM
+    assert (scorer.kind, scorer.weights) == ("hf", "initial") and holder.initial() is scorer
+    again = holder.policy(base)  # another lineage starts from the initial model: a fresh policy
+    assert again is not policy and again.weights == "initial"
+    assert made == [
+        ("vllm", "initial"),
+        ("hf", "initial"),
+        ("vllm", "/ft/1"),
+        ("hf", "initial"),
+        ("hf", "initial"),
+    ]

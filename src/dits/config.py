@@ -155,15 +155,6 @@ class RunConfig(_Section):
         influence.setdefault("beta", dpo["beta"])
         return {**data, "train": {**train, "dpo": dpo}, "influence": influence}
 
-    @model_validator(mode="after")
-    def _vllm_serves_adapters(self) -> RunConfig:
-        if self.engine.backend == "vllm" and self.train.full_finetune:
-            raise ValueError(
-                "train.full_finetune: true needs engine.backend 'hf'; the vllm engine serves LoRA adapters "
-                "of the base model (set train.full_finetune: false)"
-            )
-        return self
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

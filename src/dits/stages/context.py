@@ -88,20 +88,27 @@ class Product(BaseModel):
 
 
 class EngineHolder:
-    """The run's engine, rebuilt only when a lineage's full fine-tuned weights must replace the base, and
-    its trainable side.
+    """The engine that generates and scores, and the trainable side, each rebuilt only when a lineage's
+    full fine-tuned weights must replace what it holds.
 
-    With ``hf`` one engine both generates and trains. With ``vllm`` generation runs on vLLM and training
-    (and the influence estimators, which differentiate or train one step) on an ``hf`` policy of the same
-    model, built when first needed; the adapters it trains reach vLLM as saved directories, loaded under a
-    new vLLM name each time. All of them charge the same ledger, so stage costs stay on one account."""
+    With ``hf`` one engine does both. With ``vllm`` generation runs on vLLM and training (and the
+    influence estimators, which train one step or differentiate) on an ``hf`` policy of the same model,
+    built when first needed: adapters it trains reach vLLM as saved directories (a new vLLM name per load),
+    full fine-tuned weights as the directory a new vLLM engine starts from. Every engine charges the same
+    ledger, so stage costs stay on one run-wide account."""
 
     def __init__(self, cfg: RunConfig, engine: Engine | None = None) -> None:
         self.cfg = cfg
         self._engine = engine
+        self._built = engine is None
+        """The holder made the engine (so it may close it); a caller's engine is never closed."""
         self._base_path: str | None = None
+        """Full fine-tuned weights the engine serves (None: the initial model)."""
         self._initial: Engine | None = None
+        self._separate = cfg.engine.backend != "hf"
+        """Generation and training on different engines (``vllm``)."""
         self._policy: TrainablePolicy | None = None
+        self._policy_path: str | None = None
 
     @property
     def engine(self) -> Engine:
@@ -111,15 +118,27 @@ class EngineHolder:
 
     def initial(self) -> Engine:
         """An engine on the initial weights (the reward's readability model): the run's engine while its
-        base is the initial model, else a second engine of the initial model, kept for the run."""
+        base is the initial model, else (``vllm``) the policy while it is, else a second engine of the
+        initial model (``hf``), kept for the run."""
         if self._base_path is None:
             return self.engine
+        if self._separate and self._policy is not None and self._policy_path is None:
+            return self._policy
         if self._initial is None:
-            self._initial = self._build(None, self.engine.ledger)
+            ledger = self.engine.ledger
+            self._initial = (
+                policy_from_config(self.cfg.engine, ledger=ledger)  # scoring only: no second vLLM
+                if self._separate
+                else self._build(None, ledger)
+            )
         return self._initial
 
     def adopt_full(self, path: str) -> None:
-        """Full fine-tuning changed the engine's base in place: it now holds the weights saved at ``path``."""
+        """Full fine-tuning changed the trainable side's base in place: it now holds the weights saved at
+        ``path``."""
+        if self._separate:
+            self._policy_path = path
+            return
         if self._initial is self._engine:  # it was the initial model until now; it is not any more
             self._initial = None
         self._base_path = path
@@ -128,46 +147,48 @@ class EngineHolder:
         rank = self.cfg.train.lora.r
         return engine_from_config(self.cfg.engine, model=model, ledger=ledger, lora_rank=rank)
 
-    def _rebuild(self, model: str | None) -> Engine:
-        self._engine = self._build(model, self.engine.ledger)
-        self._base_path = model
-        return self._engine
-
-    def policy(self, ref: ModelRef) -> TrainablePolicy:
-        """The trainable side with ``ref`` active: the engine itself when it can train (``hf``)."""
-        engine = self.activate(ref)
-        if isinstance(engine, TrainablePolicy):
-            return engine
-        if ref.kind == "full":  # RunConfig refuses full fine-tuning with vllm; a stray ref must not pass
-            raise ValueError("full fine-tuned weights cannot be served by the vllm engine")
-        if self._policy is None:
-            self._policy = policy_from_config(self.cfg.engine, ledger=engine.ledger)
-        policy = self._policy
-        if ref.kind == "adapter":
-            assert ref.path is not None
-            if ref.adapter_name not in policy.adapter_names():
-                policy.load_adapter(ref.adapter_name, ref.path)
-            policy.set_adapter(ref.adapter_name)
+    def _serve(self, path: str | None) -> Engine:
+        """The generation engine, on the weights at ``path`` (None: the initial model)."""
+        if path == self._base_path:
+            return self.engine
+        ledger = self.engine.ledger
+        if path is None and self._initial is not None and not self._separate:  # kept for the reward
+            engine = self._initial
         else:
-            policy.set_adapter(None)
-        return policy
+            old = self._engine
+            if self._separate and self._built and hasattr(old, "close"):
+                old.close()  # one vLLM at a time: free its memory before the next starts
+            engine = self._build(path, ledger)
+        self._engine, self._base_path, self._built = engine, path, True
+        return engine
 
-    def activate(self, ref: ModelRef) -> Engine:
-        """Make ``ref`` the model that generate/score use."""
-        engine = self.engine
-        if ref.kind == "full" and self._base_path != ref.path:
-            engine = self._rebuild(ref.path)
-        elif ref.kind == "base" and self._base_path is not None:  # a full fine-tune replaced the base
-            engine = self._initial or self._rebuild(None)
-            self._engine, self._base_path = engine, None
+    @staticmethod
+    def _use(engine: Engine, ref: ModelRef) -> None:
+        """Activate ``ref``'s adapter (loading it on first use) or none."""
         if ref.kind != "adapter":
             engine.set_adapter(None)
-            return engine
+            return
         assert ref.path is not None
         if ref.adapter_name not in engine.adapter_names():  # type: ignore[attr-defined]
             engine.load_adapter(ref.adapter_name, ref.path)
         engine.set_adapter(ref.adapter_name)
+
+    def activate(self, ref: ModelRef) -> Engine:
+        """Make ``ref`` the model that generate/score use."""
+        engine = self._serve(ref.path if ref.kind == "full" else None)
+        self._use(engine, ref)
         return engine
+
+    def policy(self, ref: ModelRef) -> TrainablePolicy:
+        """The trainable side with ``ref`` active: the engine itself with ``hf``."""
+        if not self._separate:
+            return self.activate(ref)  # type: ignore[return-value]
+        want = ref.path if ref.kind == "full" else None
+        if self._policy is None or self._policy_path != want:
+            self._policy = policy_from_config(self.cfg.engine, model=want, ledger=self.engine.ledger)
+            self._policy_path = want
+        self._use(self._policy, ref)  # type: ignore[arg-type]
+        return self._policy
 
 
 def example_ids(examples: Sequence[Example]) -> list[str]:
