@@ -163,8 +163,9 @@ def test_zero_step_is_exactly_zero_for_likelihood_and_gradient(engine, adapter, 
     _assert_same(before, _adapter_state(engine, adapter))
 
 
-def _manual_logp(engine, example: Example, transcript: Transcript) -> float:
-    """log π of a conversation: one unpadded forward per turn, outside the engine's scoring code."""
+def _manual_logp(engine, example: Example, transcript: Transcript, temperature: float = 1.0) -> float:
+    """log π of a conversation under softmax(logits / temperature) over the whole vocabulary: one unpadded
+    forward per turn, outside the engine's scoring code."""
     tok = engine.tokenizer
     texts = transcript.texts
     total = 0.0
@@ -177,7 +178,7 @@ def _manual_logp(engine, example: Example, transcript: Transcript) -> float:
             if not comp:
                 continue
             ids = torch.tensor([prompt + comp], device=engine.device)
-            logp = torch.log_softmax(engine.model(input_ids=ids).logits[0].float(), dim=-1)
+            logp = torch.log_softmax(engine.model(input_ids=ids).logits[0].float() / temperature, dim=-1)
             total += sum(float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(comp))
     return total
 
@@ -187,29 +188,42 @@ def test_likelihood_equals_brute_force_importance_weighting(
 ):
     from dits.train.step import one_step
 
+    """The estimate equals self-normalised importance weighting with weights computed by hand at the
+    temperature the conversations were sampled at (and not at temperature 1, which weights samples of
+    π_θ at T by the ratio of the untempered policies)."""
     lr = 1.0  # a big SGD step: log-weights of order 1, so the weighting is far from uniform
     [s] = _with_lr(likelihood, lr).score(chunks[:1])
     cache = likelihood.cache  # type: ignore[attr-defined]
+    temperature = likelihood.cfg.temperature
+    assert temperature != 1.0
     previous = engine.active_adapter
     engine.set_adapter(adapter)
+    expected = {}
     try:
-        base = [_manual_logp(engine, val_examples[c.task], c.transcript) for c in cache]
-        with one_step(engine, adapter, chunks[0], lr=lr, beta=0.1, optimizer="sgd"):
-            engine.set_adapter(adapter)
-            stepped = [_manual_logp(engine, val_examples[c.task], c.transcript) for c in cache]
+        for t_score in (temperature, 1.0):
+            base = [_manual_logp(engine, val_examples[c.task], c.transcript, t_score) for c in cache]
+            with one_step(engine, adapter, chunks[0], lr=lr, beta=0.1, optimizer="sgd"):
+                engine.set_adapter(adapter)
+                stepped = [_manual_logp(engine, val_examples[c.task], c.transcript, t_score) for c in cache]
+            expected[t_score] = _snis_difference(cache, base, stepped, len(val_examples))
     finally:
         engine.set_adapter(previous)
+    assert abs(expected[temperature]) > 1e-3  # the weights do move the estimate
+    assert s.score == pytest.approx(expected[temperature], abs=2e-4)
+    assert abs(expected[1.0] - expected[temperature]) > 1e-3  # scoring at T 1 would be measurably off
+    assert s.diagnostics["max_abs_log_weight"] > 0.1
+
+
+def _snis_difference(cache, base: list[float], stepped: list[float], n_tasks: int) -> float:
+    """Mean over tasks of Σ softmax(w)·metric with w = stepped − base, minus the plain mean metric."""
     new, old = [], []
-    for t in range(len(val_examples)):
+    for t in range(n_tasks):
         rows = [(c.metric, stepped[i] - base[i]) for i, c in enumerate(cache) if c.task == t]
         top = max(w for _, w in rows)
         weights = [math.exp(w - top) for _, w in rows]
         new.append(sum(m * w for (m, _), w in zip(rows, weights, strict=True)) / sum(weights))
         old.append(sum(m for m, _ in rows) / len(rows))
-    expected = sum(new) / len(new) - sum(old) / len(old)
-    assert abs(expected) > 1e-3  # the weights do move the estimate
-    assert s.score == pytest.approx(expected, abs=2e-4)
-    assert s.diagnostics["max_abs_log_weight"] > 0.1
+    return sum(new) / len(new) - sum(old) / len(old)
 
 
 def test_gradient_matches_finite_difference_of_likelihood(likelihood, gradient, chunks):

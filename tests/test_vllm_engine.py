@@ -61,6 +61,8 @@ def test_score_logprobs_equal_hf(engine, vllm_engine):
         assert a.token_ids == b.token_ids
         assert len(a.logprobs) == len(a.token_ids)
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3)
+    with pytest.raises(ValueError, match="temperature 1 only"):  # vLLM's prompt log-probs are untempered
+        vllm_engine.score(views[:1], comps[:1], temperature=0.7)
     alone_a = vllm_engine.score_alone(comps[:3], prefix="Bob:")
     alone_b = engine.score_alone(comps[:3], prefix="Bob:")
     for a, b in zip(alone_a, alone_b, strict=True):

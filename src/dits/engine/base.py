@@ -100,9 +100,11 @@ class Engine(ABC):
 
     @abstractmethod
     def score(
-        self, views: Sequence[View], completions: Sequence[str], prefix: str = ""
+        self, views: Sequence[View], completions: Sequence[str], prefix: str = "", *, temperature: float = 1.0
     ) -> list[ScoredCompletion]:
-        """Log-probs of each completion's tokens given its view (with the forced ``prefix``, if any)."""
+        """Log-probs of each completion's tokens given its view (with the forced ``prefix``, if any), under
+        ``softmax(logits / temperature)``: the distribution a sample at that temperature (top_p 1) was
+        drawn from, which is what importance weights of such samples need."""
 
     def score_alone(self, texts: Sequence[str], prefix: str = "") -> list[ScoredCompletion]:
         """Log-probs of each text as a lone assistant turn: the chat template's assistant header (and the

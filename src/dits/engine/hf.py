@@ -422,27 +422,34 @@ class HFEngine(Engine):
     # ------------------------------------------------------------------ score
 
     def score(
-        self, views: Sequence[View], completions: Sequence[str], prefix: str = ""
+        self, views: Sequence[View], completions: Sequence[str], prefix: str = "", *, temperature: float = 1.0
     ) -> list[ScoredCompletion]:
         """Per-token log-probs of each completion's tokens (tokenised on its own, no end-of-turn token)."""
         if len(views) != len(completions):
             raise ValueError(f"got {len(completions)} completions for {len(views)} views")
         with torch.inference_mode(), self.adapter_scope():
-            return self.score_tensors(views, completions, prefix)
+            return self.score_tensors(views, completions, prefix, temperature=temperature)
 
     def score_tensors(
-        self, views: Sequence[View], completions: Sequence[str], prefix: str = "", *, keep_graph: bool = False
+        self,
+        views: Sequence[View],
+        completions: Sequence[str],
+        prefix: str = "",
+        *,
+        keep_graph: bool = False,
+        temperature: float = 1.0,
     ) -> list[ScoredCompletion]:
         """Scoring core; with ``keep_graph`` each result also carries a differentiable ``tensor`` of
         log-probs (used by the gradient influence estimator). Grad mode and adapters are the caller's."""
-        return self._score_token_pairs(self.prompts.pairs(views, completions, prefix), keep_graph)
+        pairs = self.prompts.pairs(views, completions, prefix)
+        return self._score_token_pairs(pairs, keep_graph, temperature)
 
     def score_alone(self, texts: Sequence[str], prefix: str = "") -> list[ScoredCompletion]:
         with torch.inference_mode(), self.adapter_scope():
             return self._score_token_pairs(self.prompts.alone_pairs(texts, prefix), keep_graph=False)
 
     def _score_token_pairs(
-        self, pairs: list[tuple[list[int], list[int]]], keep_graph: bool
+        self, pairs: list[tuple[list[int], list[int]]], keep_graph: bool, temperature: float = 1.0
     ) -> list[ScoredCompletion]:
         """(prompt ids, completion ids) scored in micro-batches bounded by ``score_token_budget``."""
         rows = sorted(
@@ -453,7 +460,8 @@ class HFEngine(Engine):
         batch: list[int] = []
 
         def flush() -> None:
-            for i, sc in zip(batch, self._score_batch([pairs[i] for i in batch], keep_graph), strict=True):
+            scored = self._score_batch([pairs[i] for i in batch], keep_graph, temperature)
+            for i, sc in zip(batch, scored, strict=True):
                 out[i] = sc
             batch.clear()
 
@@ -470,7 +478,7 @@ class HFEngine(Engine):
         return [o for o in out if o is not None]
 
     def _score_batch(
-        self, pairs: list[tuple[list[int], list[int]]], keep_graph: bool
+        self, pairs: list[tuple[list[int], list[int]]], keep_graph: bool, temperature: float = 1.0
     ) -> list[ScoredCompletion]:
         """Left-padded so every completion ends at the last position: only the last ``max_c + 1`` positions'
         logits are materialised (vocab-sized logits for whole prompts would dominate memory)."""
@@ -486,7 +494,7 @@ class HFEngine(Engine):
         pos = shared + (attn.cumsum(-1) - 1).clamp(min=0)
         results: list[ScoredCompletion] = []
         logits = self._forward(ids, attn, pos, None, prefix, logits_to_keep=max_c + 1)
-        logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # predicts the last max_c tokens
+        logp = torch.log_softmax(logits[:, :-1, :].float() / temperature, dim=-1)  # the last max_c tokens
         targets = ids[:, ids.shape[1] - max_c :]
         tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         self.ledger.charge(

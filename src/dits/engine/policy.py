@@ -59,10 +59,16 @@ class TrainablePolicy(Protocol):
         """Run the model with the active adapter, or with every adapter off when none is active."""
 
     def score_tensors(
-        self, views: Sequence[View], completions: Sequence[str], prefix: str = "", *, keep_graph: bool = False
+        self,
+        views: Sequence[View],
+        completions: Sequence[str],
+        prefix: str = "",
+        *,
+        keep_graph: bool = False,
+        temperature: float = 1.0,
     ) -> list[ScoredCompletion]:
-        """Per-token log-probs; with ``keep_graph`` differentiable (grad mode and adapter scope are the
-        caller's)."""
+        """Per-token log-probs under ``softmax(logits / temperature)``; with ``keep_graph`` differentiable
+        (grad mode and adapter scope are the caller's)."""
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` under the model's tokenizer."""

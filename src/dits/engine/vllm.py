@@ -249,8 +249,11 @@ class VLLMEngine(Engine):
         return self.llm.generate(prompts, params, lora_request=self._lora(), use_tqdm=False)
 
     def score(
-        self, views: Sequence[View], completions: Sequence[str], prefix: str = ""
+        self, views: Sequence[View], completions: Sequence[str], prefix: str = "", *, temperature: float = 1.0
     ) -> list[ScoredCompletion]:
+        if temperature != 1.0:
+            # vLLM computes prompt log-probs before its sampling processors (temperature included).
+            raise ValueError("the vllm engine scores at temperature 1 only; use the hf policy for others")
         if len(views) != len(completions):
             raise ValueError(f"got {len(completions)} completions for {len(views)} views")
         return self._score_pairs(self.prompts.pairs(views, completions, prefix))

@@ -90,8 +90,13 @@ class GradientEstimator(LikelihoodEstimator):
             # g = ∇ Σ_i a_i Σ_turns log π(turn): linear in the turns, so summed over batches of turns.
             for batch in self._turn_batches(weights):
                 turns = [t for _, t in batch]
-                scored = self.engine.score_tensors([t[0] for t in turns], [t[1] for t in turns], turns[0][2],
-                                                   keep_graph=True)  # fmt: skip
+                scored = self.engine.score_tensors(
+                    [t[0] for t in turns],
+                    [t[1] for t in turns],
+                    turns[0][2],
+                    keep_graph=True,
+                    temperature=self.cfg.temperature,
+                )
                 terms = [
                     a * sc.tensor.sum()
                     for (a, _), sc in zip(batch, scored, strict=True)

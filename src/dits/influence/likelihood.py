@@ -97,7 +97,10 @@ class LikelihoodEstimator(InfluenceEstimator):
         )
 
     def conversation_logps(self, indices: Sequence[int] | None = None) -> list[float]:
-        """``log π`` of the cached conversations under the engine's active adapter (no graph)."""
+        """``log π`` of the cached conversations under the engine's active adapter (no graph), at the
+        temperature they were sampled at: the importance weights compare the distributions the samples
+        came from (θ at T) and would come from (θ_z at T); scoring at T = 1 weighted them by the wrong
+        ratio."""
         idx = list(range(len(self.cache))) if indices is None else list(indices)
         flat = [(i, turn) for i in idx for turn in self._turns[i]]
         sums = dict.fromkeys(idx, 0.0)
@@ -105,7 +108,8 @@ class LikelihoodEstimator(InfluenceEstimator):
         for i, turn in flat:
             by_prefix.setdefault(turn[2], []).append((i, turn))
         for prefix, items in by_prefix.items():
-            scored = self.engine.score([t[0] for _, t in items], [t[1] for _, t in items], prefix)
+            views, texts = [t[0] for _, t in items], [t[1] for _, t in items]
+            scored = self.engine.score(views, texts, prefix, temperature=self.cfg.temperature)
             for (i, _), sc in zip(items, scored, strict=True):
                 sums[i] += float(sum(sc.logprobs))
         return [sums[i] for i in idx]
