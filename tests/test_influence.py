@@ -257,6 +257,31 @@ def test_projected_gradient_is_seeded_and_zero_at_lr0(gradient, chunks):
         gradient.cfg = gradient.cfg.model_copy(update={"projection_dim": None})
 
 
+def test_projected_gradient_equals_the_unprojected_one_in_expectation(gradient, chunks):
+    """Over projection seeds, the mean projected score is the exact dot product u·g, within 4 standard
+    errors of a Gaussian projection's variance ((u·g)² + |u|²|g|²)/d; the spread across seeds matches that
+    variance (a wrong 1/sqrt(d) scale or a reused matrix would fail one of the two)."""
+    d, seeds = 4, 60
+    grad = gradient.dpo_gradient(chunks[0])
+    u2 = sum(float((g.double() ** 2).sum()) for g in grad.values())  # lr 1, SGD: the update is −∇L
+    g2 = sum(float((v.double() ** 2).sum()) for v in gradient.val_grad.values())
+    cfg = gradient.cfg
+    exact = _with_lr(gradient, 1.0).score(chunks[:1])[0].score
+    values = []
+    try:
+        for seed in range(seeds):
+            gradient.cfg = cfg.model_copy(update={"projection_dim": d, "lr": 1.0, "seed": 1000 + seed})
+            values.append(gradient.score(chunks[:1])[0].score)
+    finally:
+        gradient.cfg = cfg
+    var = (exact**2 + u2 * g2) / d
+    mean = sum(values) / seeds
+    spread = sum((v - mean) ** 2 for v in values) / (seeds - 1)
+    assert abs(mean - exact) < 4 * math.sqrt(var / seeds)
+    assert 0.5 * var < spread < 2.0 * var
+    assert len(set(values)) == seeds
+
+
 def test_gradient_candidate_is_charged_like_the_step_it_stands_for(engine, adapter, gradient, chunks):
     """The DPO gradient of a candidate costs what the step's own forward and backward cost: the reference
     forward booked as scoring, the policy forward and backward as training (not the reference too)."""

@@ -110,15 +110,18 @@ class GradientEstimator(LikelihoodEstimator):
                         grads[name] += gr.float()
         self.val_grad = grads
         self._projections: dict[str, torch.Tensor] = {}
+        self._projection_key: tuple[int, int] | None = None
         self._val_proj: torch.Tensor | None = None
         self.baseline = 0.0
 
     def _project(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``P·vec / sqrt(d)``; matrices made on first use (and anew when ``projection_dim`` changes)."""
+        """``P·vec / sqrt(d)``; matrices made on first use (and anew when ``projection_dim`` or the seed
+        changes)."""
         d = self.cfg.projection_dim
         assert d is not None
-        if any(m.shape[0] != d for m in self._projections.values()):
+        if self._projection_key != (d, self.cfg.seed):
             self._projections, self._val_proj = {}, None
+            self._projection_key = (d, self.cfg.seed)
         out = torch.zeros(d, dtype=torch.float64)
         for name, v in vec.items():
             mat = self._projections.get(name)
@@ -159,7 +162,7 @@ class GradientEstimator(LikelihoodEstimator):
             update = {n: -lr * g for n, g in grad.items()}
         if self.cfg.projection_dim:
             projected = self._project(update)
-            if self._val_proj is None:
+            if self._val_proj is None:  # (after the update's projection, which resets it on a new key)
                 self._val_proj = self._project(self.val_grad)
             value = float(projected @ self._val_proj)
         else:
