@@ -260,10 +260,11 @@ def test_projected_gradient_is_seeded_and_zero_at_lr0(gradient, chunks):
 def test_projected_gradient_equals_the_unprojected_one_in_expectation(gradient, chunks):
     """Over projection seeds, the mean projected score is the exact dot product u·g, within 4 standard
     errors of a Gaussian projection's variance ((u·g)² + |u|²|g|²)/d; the spread across seeds matches that
-    variance (a wrong 1/sqrt(d) scale or a reused matrix would fail one of the two)."""
+    variance (a wrong 1/sqrt(d) scale or a reused matrix would fail one of the two). The DPO gradient is
+    computed once and projected per seed (what ``score`` does per candidate, checked for the first seed)."""
     d, seeds = 4, 60
-    grad = gradient.dpo_gradient(chunks[0])
-    u2 = sum(float((g.double() ** 2).sum()) for g in grad.values())  # lr 1, SGD: the update is −∇L
+    update = {n: -g for n, g in gradient.dpo_gradient(chunks[0]).items()}  # SGD, lr 1
+    u2 = sum(float((u.double() ** 2).sum()) for u in update.values())
     g2 = sum(float((v.double() ** 2).sum()) for v in gradient.val_grad.values())
     cfg = gradient.cfg
     exact = _with_lr(gradient, 1.0).score(chunks[:1])[0].score
@@ -271,7 +272,9 @@ def test_projected_gradient_equals_the_unprojected_one_in_expectation(gradient, 
     try:
         for seed in range(seeds):
             gradient.cfg = cfg.model_copy(update={"projection_dim": d, "lr": 1.0, "seed": 1000 + seed})
-            values.append(gradient.score(chunks[:1])[0].score)
+            values.append(float(gradient._project(update) @ gradient._project(gradient.val_grad)))
+            if seed == 0:
+                assert gradient.score(chunks[:1])[0].score == pytest.approx(values[0], rel=1e-9)
     finally:
         gradient.cfg = cfg
     var = (exact**2 + u2 * g2) / d
