@@ -102,7 +102,6 @@ class VLLMEngine(Engine):
             kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
         else:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
-        self.max_model_len = max_len
         self.llm = LLM(
             model=path,
             tokenizer=path,
@@ -125,7 +124,7 @@ class VLLMEngine(Engine):
             **kwargs,
         )
         self.settings = s
-        self.params = sum(int(p) for p in _parameter_count(path))
+        self.params = _parameter_count(path)
         self.ledger = ledger or Ledger(params=self.params)
         self._adapters: dict[str, Any] = {}
         self._active: str | None = None
@@ -286,8 +285,8 @@ class VLLMEngine(Engine):
         return out
 
 
-def _parameter_count(path: str) -> list[int]:
-    """Parameter counts of the checkpoint's tensors (from safetensors headers; the ledger's ``params``)."""
+def _parameter_count(path: str) -> int:
+    """The checkpoint's parameter count (from safetensors headers; the ledger's ``params``)."""
     from safetensors import safe_open
 
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
@@ -297,13 +296,13 @@ def _parameter_count(path: str) -> list[int]:
 
         with torch.device("meta"):
             m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-        return [sum(p.numel() for p in m.parameters())]
-    counts: list[int] = []
+        return sum(p.numel() for p in m.parameters())
+    total = 0
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():  # noqa: SIM118 - safe_open is not a mapping
                 n = 1
                 for d in st.get_slice(k).get_shape():
                     n *= d
-                counts.append(n)
-    return counts
+                total += n
+    return total
