@@ -95,7 +95,7 @@ def _rows(path) -> list[tuple[int, list[str], float]]:
 def test_a_cut_run_resumes_to_the_uninterrupted_scores(engine, theta, pairs_file, tmp_path):
     cfg = _cfg()
     val = make_builtin("facts", "dev", 1, seed=0)
-    kw = {"adapter": theta, "val_examples": val, "metric_fn": hash_metric, "progress": False}
+    kw = {"theta": theta, "val_examples": val, "metric_fn": hash_metric, "progress": False}
     full = score_pool(engine, pairs_file, cfg, tmp_path / "full", **kw)
     assert full.complete and full.scored_now == 4
     expected_ids = [[pair_key(p) for p in c] for c in chunk_pairs(_pairs(), 1, cfg.influence.seed)]

@@ -118,9 +118,9 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg.name / "synthesize"
     flags = {"tau": args.tau, "min_gap": args.min_gap, "keep_top_fraction": args.keep_fraction}
     pair_cfg = cfg.pairs.model_copy(update={k: v for k, v in flags.items() if v is not None})
-    ctx = StageContext.single(cfg, out, progress=not args.no_progress)
-    product = search_stage(ctx, 0, None, ModelRef.base(cfg), examples, pairs=pair_cfg,
-                           shard_size=args.shard_size)  # fmt: skip
+    with StageContext.single(cfg, out, progress=not args.no_progress) as ctx:
+        product = search_stage(ctx, 0, None, ModelRef.base(cfg), examples, pairs=pair_cfg,
+                               shard_size=args.shard_size)  # fmt: skip
     summary = SearchSummary.model_validate_json(product.file(SEARCH_SUMMARY_FILE).read_text())
     print(summary.line())
     return 0
@@ -137,9 +137,9 @@ def cmd_influence(args: argparse.Namespace) -> int:
     pairs = _existing(args.pairs, "pairs")
     model = ModelRef.adapter_dir(args.adapter) if args.adapter else ModelRef.base(cfg)
     out = Path(args.out) if args.out else Path("runs") / cfg.name / "influence"
-    ctx = StageContext.single(cfg, out, progress=not args.no_progress)
     try:
-        influence_stage(ctx, 0, None, model, pairs, file_digest(pairs), limit=args.limit)
+        with StageContext.single(cfg, out, progress=not args.no_progress) as ctx:
+            influence_stage(ctx, 0, None, model, pairs, file_digest(pairs), limit=args.limit)
     except StageIncomplete as cut:
         print(f"influence ({cfg.influence.estimator}): {cut}")
         return 0

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dits.engine.config import EngineConfig
+from dits.executor import ExecutorConfig
 from dits.influence.base import InfluenceConfig
 from dits.mas.protocol import ProtocolConfig
 from dits.reward import RewardConfig
@@ -129,6 +130,7 @@ class RunConfig(_Section):
     influence: InfluenceConfig = InfluenceConfig()
     select: SelectConfig = SelectConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    executor: ExecutorConfig = ExecutorConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -63,6 +63,11 @@ class Ledger:
         c.trained_tokens += trained_tokens
         c.calls += 1
 
+    def add(self, counts: LedgerCounts) -> None:
+        """Take over counts charged elsewhere (another process's engine, for work done for this run)."""
+        assert self.counts is not None
+        self.counts = self.counts + counts
+
     def snapshot(self) -> LedgerCounts:
         assert self.counts is not None
         return LedgerCounts(**asdict(self.counts))

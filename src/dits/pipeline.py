@@ -225,6 +225,12 @@ class Pipeline:
         self.ctx = StageContext(cfg, self.run_dir, EngineHolder(cfg, engine), force=force, progress=progress)
 
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            self.ctx.close()
+
+    def _run(self) -> RunResult:
         cfg, ctx = self.cfg, self.ctx
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())

@@ -100,7 +100,7 @@ def budget_stage(
         engine = ctx.activate(model)
         cal = TNormCalibration.model_validate_json(pool.file(T_NORM_FILE).read_text(encoding="utf-8"))
         s = grow_pool(engine, tasks, cfg, out, seed=seed, t_norm=cal.t_norm, progress=ctx.progress,
-                      executor=ctx.executor, nll_engine=ctx.holder.initial())  # fmt: skip
+                      executor=ctx.executor, model=model, nll_engine=ctx.holder.initial())  # fmt: skip
         base = read_jsonl(pool.file(PAIRS_FILE), PreferencePair, repair=False)
         extra = read_jsonl(out / PAIRS_FILE, PreferencePair, repair=False)
         write_jsonl_atomic(out / POOL_FILE, [*base, *extra])

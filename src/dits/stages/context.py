@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,10 +37,12 @@ from dits.tasks.source import examples_for
 
 __all__ = [
     "EngineHolder",
+    "HolderBench",
     "ModelRef",
     "Product",
     "StageContext",
     "example_ids",
+    "executor_for",
     "influence_theta",
     "probe_shape",
     "validation_tasks",
@@ -69,7 +72,7 @@ class ModelRef(BaseModel):
     @classmethod
     def adapter_dir(cls, path: str | Path) -> ModelRef:
         """A saved adapter directory (``--adapter``), identified by the bytes of its weights."""
-        p = Path(path)
+        p = Path(path).resolve()
         weights = sorted(p.glob("adapter_model.*"))
         if not (p / "adapter_config.json").is_file() or not weights:
             raise FileNotFoundError(f"{p} is not an adapter directory (no adapter_config.json / weights)")
@@ -191,6 +194,41 @@ class EngineHolder:
         return self._policy
 
 
+class HolderBench:
+    """A :class:`~dits.executor.Workbench` on an :class:`EngineHolder` with ``model`` active: the driver's
+    (``executor.kind: local``) or a Ray actor's."""
+
+    def __init__(self, holder: EngineHolder, model: ModelRef | None) -> None:
+        self.holder, self.model = holder, model
+
+    def engine(self) -> Engine:
+        return self.holder.engine if self.model is None else self.holder.activate(self.model)
+
+    def initial(self) -> Engine:
+        self.engine()  # the initial engine depends on which weights the engine serves
+        return self.holder.initial()
+
+    def policy(self) -> TrainablePolicy:
+        if self.model is None:
+            raise ValueError("a policy needs the model to activate")
+        return self.holder.policy(self.model)
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.holder.engine.ledger
+
+
+def executor_for(cfg: RunConfig, holder: EngineHolder) -> Executor:
+    """``executor.kind``'s executor: units on ``holder`` here, or on Ray actors each holding an engine
+    holder of their own (built from the same config, so the same model and the same adapters)."""
+    if cfg.executor.kind == "local":
+        return LocalExecutor(lambda model: HolderBench(holder, model))
+    from dits.ray_executor import RayExecutor
+
+    return RayExecutor(cfg.executor, holder=partial(EngineHolder, cfg), bench=HolderBench,
+                       ledger=lambda: holder.engine.ledger)  # fmt: skip
+
+
 def example_ids(examples: Sequence[Example]) -> list[str]:
     return [ex.id for ex in examples]
 
@@ -241,8 +279,22 @@ class StageContext:
     executor: Executor | None = None
 
     def __post_init__(self) -> None:
+        # Absolute, so a model's path (a Product's) reads the same from any process or node.
+        self.run_dir = self.run_dir.resolve()
+        self.out_dir = self.out_dir.resolve() if self.out_dir is not None else None
         if self.executor is None:
-            self.executor = LocalExecutor(lambda: self.holder.engine)
+            self.executor = executor_for(self.cfg, self.holder)
+
+    def close(self) -> None:
+        """Stop the executor's workers (Ray actors); the engines here stay."""
+        if self.executor is not None:
+            self.executor.close()
+
+    def __enter__(self) -> StageContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def single(

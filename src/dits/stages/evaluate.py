@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -16,14 +17,29 @@ from tqdm import tqdm
 from dits.artifacts import EVAL_SUMMARY_FILE, TRANSCRIPTS_FILE, append_jsonl, read_jsonl, write_json_atomic
 from dits.engine.base import Engine
 from dits.evaluate import SAMPLED, EvalRecord, EvalSummary, run_method, summarize
-from dits.executor import Executor, LocalExecutor
+from dits.executor import Executor, LocalExecutor, Workbench
 from dits.mas.protocol import ProtocolConfig
 from dits.stages.context import ModelRef, StageContext, example_ids
 from dits.tasks.example import Example
 
-__all__ = ["evaluate_stage", "evaluate_to_dir"]
+__all__ = ["EvaluateChunk", "evaluate_stage", "evaluate_to_dir"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluateChunk:
+    """The evaluation's work unit: one chunk of test tasks with one method."""
+
+    method: str
+    protocol: ProtocolConfig
+    k: int
+    seed: int
+
+    def __call__(self, bench: Workbench, part: list[Example]) -> list[EvalRecord]:
+        trs = run_method(bench.engine(), part, self.method, self.protocol, k=self.k, seed=self.seed)
+        return [EvalRecord(method=self.method, dataset=ex.dataset, split=ex.split, transcript=tr)
+                for ex, tr in zip(part, trs, strict=True)]  # fmt: skip
 
 
 def evaluate_to_dir(
@@ -38,11 +54,14 @@ def evaluate_to_dir(
     chunk: int = 64,
     progress: bool = True,
     executor: Executor | None = None,
+    model: ModelRef | None = None,
 ) -> EvalSummary:
-    """Evaluate, appending ``transcripts.jsonl`` chunk by chunk (resumable), then write ``summary.json``."""
+    """Evaluate, appending ``transcripts.jsonl`` chunk by chunk (resumable), then write ``summary.json``.
+    ``executor`` runs the chunks with ``model`` active (default: here, on ``engine``)."""
     out = Path(out_dir)
     path = out / TRANSCRIPTS_FILE
-    executor = executor or LocalExecutor(lambda: engine)
+    if executor is None:
+        executor, model = LocalExecutor.on(engine), None
     done = {r.transcript.example_id for r in read_jsonl(path, EvalRecord)}
     todo = [ex for ex in examples if ex.id not in done]
     t0 = time.perf_counter()
@@ -54,12 +73,7 @@ def evaluate_to_dir(
     )
     parts = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
 
-    def work(eng: Engine, part: list[Example]) -> list[EvalRecord]:
-        trs = run_method(eng, part, method, cfg, k=k, seed=seed)
-        return [EvalRecord(method=method, dataset=ex.dataset, split=ex.split, transcript=tr)
-                for ex, tr in zip(part, trs, strict=True)]  # fmt: skip
-
-    for records in executor.map(work, parts):
+    for records in executor.map(EvaluateChunk(method, cfg, k, seed), parts, model):
         append_jsonl(path, records)
         bar.update(len(records))
     bar.close()
@@ -97,7 +111,7 @@ def evaluate_stage(
     def body(out: Path) -> dict[str, float]:
         engine = ctx.activate(model)
         s = evaluate_to_dir(engine, test, method, cfg.protocol, out, k=k, progress=ctx.progress,
-                            executor=ctx.executor)  # fmt: skip
+                            executor=ctx.executor, model=model)  # fmt: skip
         counts = {"metric": s.metric.mean, "low": s.metric.low, "high": s.metric.high,
                   "comm_tokens": s.comm_tokens, "n": s.n}  # fmt: skip
         return counts | ({"k": k} if method in SAMPLED else {})

@@ -15,9 +15,11 @@ stored chunk against the pool, and scores only the missing ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 from tqdm.auto import tqdm
@@ -26,21 +28,23 @@ from dits.artifacts import SCORES_FILE, TRAIN_RESULT_FILE, StageIncomplete, appe
 from dits.config import RunConfig
 from dits.engine.base import Engine
 from dits.engine.policy import TrainablePolicy
-from dits.executor import Executor, LocalExecutor
+from dits.executor import Executor, LocalExecutor, Workbench
 from dits.influence import MetricFn, chunk_pairs, make_estimator
+from dits.influence.base import InfluenceEstimator
+from dits.influence.inputs import probe_adapter
 from dits.records import InfluenceScore, PreferencePair, pair_key
 from dits.stages.context import (
     ModelRef,
     Product,
     StageContext,
     example_ids,
-    influence_theta,
     probe_shape,
     validation_tasks,
 )
 from dits.tasks.example import Example
+from dits.train.config import LoraSettings
 
-__all__ = ["InfluenceRun", "influence_stage", "score_pool"]
+__all__ = ["InfluenceRun", "ScoreChunk", "Theta", "influence_stage", "score_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +88,89 @@ class InfluenceRun(BaseModel):
         )
 
 
+@dataclass(frozen=True)
+class Theta:
+    """θ as any process can make it on its policy: an adapter already there or saved at ``path`` (named
+    ``name``), or a fresh probe LoRA of shape ``lora`` seeded with ``seed``
+    (:func:`~dits.influence.inputs.probe_adapter`)."""
+
+    name: str | None = None
+    path: str | None = None
+    lora: LoraSettings | None = None
+    seed: int = 0
+
+    def make(self, policy: TrainablePolicy) -> tuple[str, bool]:
+        """θ's adapter name on ``policy``, and whether it was added here (and so is to be removed)."""
+        if self.lora is not None:
+            return probe_adapter(policy, self.lora, seed=self.seed), True
+        assert self.name is not None
+        if self.name in policy.adapter_names():
+            return self.name, False
+        if self.path is None:
+            raise ValueError(f"adapter {self.name!r} is not loaded and has no saved directory")
+        policy.load_adapter(self.name, self.path)
+        return self.name, True
+
+
+@dataclass
+class ScoreChunk:
+    """The influence stage's work unit: one chunk ``(index, pairs)`` scored with an estimator prepared once
+    per process on θ (plain data until prepared, so it can be sent to a Ray actor)."""
+
+    run_cfg: RunConfig
+    theta: Theta
+    val_examples: list[Example]
+    metric_fn: MetricFn | None = None
+    _est: InfluenceEstimator | None = field(default=None, repr=False)
+    _added: str | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_est": None, "_added": None}
+
+    def setup(self, bench: Workbench) -> None:
+        policy = bench.policy()
+        name, added = self.theta.make(policy)
+        self._added = name if added else None
+        self._est = make_estimator(self.run_cfg.influence, self.metric_fn)
+        self._est.prepare(policy, name, self.val_examples, self.run_cfg.protocol)
+
+    def __call__(self, bench: Workbench, unit: tuple[int, list[PreferencePair]]) -> InfluenceScore:
+        assert self._est is not None, "setup() prepares the estimator"
+        i, chunk = unit
+        return self._est.score([chunk])[0].model_copy(update={"candidate": i})
+
+    def teardown(self, bench: Workbench) -> None:
+        if self._added is not None:
+            bench.policy().delete_adapter(self._added)
+        self._est = self._added = None
+
+
 def score_pool(
-    engine: TrainablePolicy,
+    engine: Engine,
     pairs: str | Path | Sequence[PreferencePair],
     run_cfg: RunConfig,
     out_dir: str | Path,
     *,
-    adapter: str,
+    theta: Theta | str,
     val_examples: Sequence[Example],
     metric_fn: MetricFn | None = None,
     limit: int | None = None,
     progress: bool = True,
     executor: Executor | None = None,
+    model: ModelRef | None = None,
 ) -> InfluenceRun:
     """Score every chunk of ``pairs`` (a ``pairs.jsonl`` or the pairs themselves) with
-    ``run_cfg.influence.estimator`` on θ = adapter ``adapter`` over ``val_examples`` into
-    ``out_dir/scores.jsonl``. Safe to call again after a crash: scored chunks are kept (each checked against
-    the chunk it claims to score), and the estimator is prepared only if a chunk is left. ``limit`` caps
-    the chunks scored by this call. What decides the scores is the caller's to guard
-    (:func:`influence_stage` records it in the stage's inputs)."""
-    executor = executor or LocalExecutor(lambda: engine)
+    ``run_cfg.influence.estimator`` on θ (an adapter name on ``engine``, or a :class:`Theta`) over
+    ``val_examples`` into ``out_dir/scores.jsonl``. Safe to call again after a crash: scored chunks are kept
+    (each checked against the chunk it claims to score), and the estimator is prepared only if a chunk is
+    left. ``limit`` caps the chunks scored by this call. ``executor`` runs the chunks with ``model`` active
+    (default: here, on ``engine``, a :class:`TrainablePolicy`); ``engine``'s ledger receives their cost.
+    What decides the scores is the caller's to guard (:func:`influence_stage` records it in the stage's
+    inputs)."""
+    if executor is None:
+        executor, model = LocalExecutor.on(engine), None
+    if isinstance(theta, str):
+        theta = Theta(name=theta)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     if not val_examples:
@@ -118,74 +185,63 @@ def score_pool(
     todo = [i for i in range(len(chunks)) if i not in done]
     if limit is not None:
         todo = todo[:limit]
-    flops = sum(s.cost.flops for s in done.values())
+    on_disk = sum(s.cost.flops for s in done.values())
     seconds = sum(s.cost.seconds for s in done.values())
+    before, t0 = engine.ledger.snapshot(), time.perf_counter()
     bar = tqdm(
         total=len(chunks), initial=len(done), unit="chunk", desc=f"influence/{icfg.estimator}",
         disable=not progress,
     )  # fmt: skip
 
-    def show() -> None:
-        bar.set_postfix(flops=f"{flops:.3g}", seconds=f"{seconds:.1f}", refresh=True)
+    def flops() -> float:  # the scores on disk, and this call's (estimator preparation included)
+        return on_disk + engine.ledger.flops(engine.ledger.snapshot() - before)
 
-    show()
+    bar.set_postfix(flops=f"{flops():.3g}", refresh=True)
     try:
-        if todo:
-            est = make_estimator(icfg, metric_fn)
-            est.prepare(engine, adapter, val_examples, run_cfg.protocol)
-            flops += est.prepare_cost.flops
-            seconds += est.prepare_cost.seconds
-            show()
-
-            def work(_engine: Engine, i: int) -> InfluenceScore:  # θ lives on the driver's engine
-                return est.score([chunks[i]])[0].model_copy(update={"candidate": i})
-
-            for i, s in zip(todo, executor.map(work, todo), strict=True):
-                append_jsonl(path, [s])
-                done[i] = s
-                flops += s.cost.flops
-                seconds += s.cost.seconds
-                bar.update(1)
-                show()
+        work = ScoreChunk(run_cfg, theta, list(val_examples), metric_fn)
+        units = [(i, chunks[i]) for i in todo]
+        for i, s in zip(todo, executor.map(work, units, model), strict=True):
+            append_jsonl(path, [s])
+            done[i] = s
+            bar.update(1)
+            bar.set_postfix(flops=f"{flops():.3g}", refresh=True)
     finally:
         bar.close()
     run = InfluenceRun(
         scores=[done[i] for i in sorted(done)],
         chunks=len(chunks),
         scored_now=len(todo),
-        flops=flops,
-        seconds=round(seconds, 3),
+        flops=flops(),
+        seconds=round(seconds + time.perf_counter() - t0, 3),
         scores_path=str(path),
     )
     log.info("influence: %s", run.line())
     return run
 
 
-@contextmanager
-def _theta(engine: TrainablePolicy, cfg: RunConfig, model: ModelRef, pairs: Path, out: Path) -> Iterator[str]:
-    """θ of the stage: :func:`influence_theta`, or with ``influence.warmup_steps`` the reference's warm-up
-    model: LoRA DPO from ``model`` on the whole pool for that many steps, saved under ``out/warmup`` (a
-    resumed stage loads it instead of training again) and charged to the stage."""
+def _theta(ctx: StageContext, model: ModelRef, pairs: Path, out: Path) -> Theta:
+    """θ of the stage: :func:`~dits.stages.context.influence_theta`'s (the lineage's adapter, or the seeded
+    probe LoRA), or with ``influence.warmup_steps`` the reference's warm-up model: LoRA DPO from ``model``
+    on the whole pool for that many steps, trained here, saved under ``out/warmup`` (a resumed stage uses
+    it instead of training again) and charged to the stage; every process loads it from there."""
+    cfg = ctx.cfg
     steps = cfg.influence.warmup_steps
     if steps == 0:
-        with influence_theta(engine, cfg, model) as theta:
-            yield theta
-        return
-    from dits.train import train_dpo
-
+        if model.kind == "adapter":
+            return Theta(name=model.adapter_name, path=model.path)
+        return Theta(lora=cfg.train.lora, seed=cfg.influence.seed)
     warm, name = out / WARMUP_DIR, "influence-warmup"
-    if (warm / TRAIN_RESULT_FILE).is_file():
-        engine.load_adapter(name, str(warm))
-    else:
+    if not (warm / TRAIN_RESULT_FILE).is_file():
+        from dits.train import train_dpo
+
         dpo = cfg.train.dpo.model_copy(update={"max_steps": steps})
         train_cfg = cfg.train.model_copy(update={"full_finetune": False, "dpo": dpo})
         pool = read_jsonl(pairs, PreferencePair, repair=False)
         init = model.path if model.kind == "adapter" else None
-        train_dpo(engine, pool, train_cfg, warm, init_adapter=init, adapter_name=name)
-    try:
-        yield name
-    finally:
-        engine.delete_adapter(name)
+        policy = ctx.policy(model)
+        train_dpo(policy, pool, train_cfg, warm, init_adapter=init, adapter_name=name)
+        policy.delete_adapter(name)  # scoring loads the saved one, here as on any worker
+    return Theta(name=name, path=str(warm))
 
 
 def influence_stage(
@@ -208,10 +264,9 @@ def influence_stage(
         inputs["warmup"] = cfg.sections("train")["train"]
 
     def body(out: Path) -> dict[str, float]:
-        engine = ctx.policy(model)  # the estimators train θ one step or differentiate through it
-        with _theta(engine, cfg, model, pairs, out) as theta:
-            run = score_pool(engine, pairs, cfg, out, adapter=theta, val_examples=val, limit=limit,
-                             progress=ctx.progress, executor=ctx.executor)  # fmt: skip
+        theta = _theta(ctx, model, pairs, out)
+        run = score_pool(ctx.holder.engine, pairs, cfg, out, theta=theta, val_examples=val, limit=limit,
+                         progress=ctx.progress, executor=ctx.executor, model=model)  # fmt: skip
         if not run.complete:  # a --limit cut: the stage is not finished, so no manifest is written
             raise StageIncomplete(run.line())
         scores = run.scores

@@ -25,7 +25,9 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 from tqdm.auto import tqdm
@@ -43,7 +45,7 @@ from dits.artifacts import (
 from dits.config import RunConfig
 from dits.engine.base import Engine
 from dits.engine.policy import TrainablePolicy
-from dits.executor import Executor, LocalExecutor
+from dits.executor import Executor, LocalExecutor, Workbench
 from dits.influence import make_estimator
 from dits.records import PreferencePair
 from dits.search.guided import InfluenceGuide
@@ -62,7 +64,14 @@ from dits.stages.context import (
 )
 from dits.tasks.example import Example, examples_by_id
 
-__all__ = ["SearchSummary", "grow_pool", "load_or_calibrate_t_norm", "prepared_guide", "search_stage"]
+__all__ = [
+    "GrowShard",
+    "SearchSummary",
+    "grow_pool",
+    "load_or_calibrate_t_norm",
+    "prepared_guide",
+    "search_stage",
+]
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +160,60 @@ def load_or_calibrate_t_norm(
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def _with_guide(guide: InfluenceGuide | None, show: Callable[[], None]) -> OnStep:
+def _with_guide(guide: InfluenceGuide | None, show: Callable[[], None] | None) -> OnStep | None:
     """The search's per-step hook: refresh the guide's Î (when guided), then the progress bar."""
+    if guide is None and show is None:
+        return None
 
     def on_step(step: int, trees: list[Tree]) -> None:
         if guide is not None:
             guide.on_step(step, trees)
-        show()
+        if show is not None:
+            show()
 
     return on_step
+
+
+@dataclass
+class GrowShard:
+    """The search's work unit: one shard's trees, grown on a workbench's engine (plain data, so it can be
+    sent to a Ray actor; ``guide`` and ``watch`` stay in this process)."""
+
+    run_cfg: RunConfig
+    t_norm: float
+    seed: int
+    guide: InfluenceGuide | None = None
+    watch: Callable[[DialogueRollouter], Callable[[], None]] | None = None
+    """Local progress: given a shard's rollouter, the callback to run after each search step."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.guide is not None:
+            raise TypeError("a guided search holds θ in this process: its shards run here")
+        return {**self.__dict__, "watch": None}
+
+    def __call__(self, bench: Workbench, shard: list[Example]) -> list[Tree]:
+        cfg, eng = self.run_cfg, bench.engine()
+        rollouter = DialogueRollouter(
+            eng,
+            shard,
+            cfg.protocol,
+            cfg.reward,
+            self.t_norm,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            nll_engine=bench.initial(),
+        )
+        start = eng.ledger.snapshot()
+        trees = run_search(
+            example_ids(shard),
+            rollouter,
+            cfg.search,
+            seed=self.seed,
+            value_fn=self.guide if self.guide is not None else q_value,
+            on_step=_with_guide(self.guide, self.watch(rollouter) if self.watch else None),
+        )
+        share = eng.ledger.flops(eng.ledger.snapshot() - start) / len(trees)
+        return [tree.model_copy(update={"flops": share}) for tree in trees]
 
 
 def grow_pool(
@@ -176,6 +230,7 @@ def grow_pool(
     guide: InfluenceGuide | None = None,
     make_guide: Callable[[], AbstractContextManager[InfluenceGuide]] | None = None,
     executor: Executor | None = None,
+    model: ModelRef | None = None,
     nll_engine: Engine | None = None,
 ) -> SearchSummary:
     """Grow (or finish growing) one tree per example into ``out_dir/trees.jsonl``, then mine
@@ -185,8 +240,9 @@ def grow_pool(
     ``seed`` (default ``run_cfg.seed``) seeds the selections, the rollouts and the ``T_norm`` sample. With
     ``run_cfg.guide.lam != 0`` the trees select by ``Q + λ·Î`` (:mod:`dits.search.guided`): ``guide``, or
     the one ``make_guide()`` builds when the first tree is to be grown (so a finished pool prepares none).
-    ``executor`` runs the shards (default: here, on ``engine``); ``nll_engine`` runs the initial model for
-    the reward's readability NLLs (default ``engine``)."""
+    ``executor`` runs the shards with ``model`` active (default: here, on ``engine`` as it is, with
+    ``nll_engine`` for the reward's readability NLLs, default ``engine``); ``engine`` calibrates
+    ``T_norm`` and its ledger receives every shard's cost."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     t0 = time.perf_counter()
@@ -235,37 +291,19 @@ def grow_pool(
     trees_new = 0
     stack = ExitStack()
 
-    def grow(eng: Engine, shard: list[Example]) -> list[Tree]:
-        rollouter = DialogueRollouter(
-            eng,
-            shard,
-            run_cfg.protocol,
-            run_cfg.reward,
-            cal.t_norm,
-            temperature=run_cfg.rollout.temperature,
-            top_p=run_cfg.rollout.top_p,
-            nll_engine=nll_engine if eng is engine else None,
-        )
+    def watch(rollouter: DialogueRollouter) -> Callable[[], None]:
         live[:] = [rollouter]
-        start = eng.ledger.snapshot()
-        trees = run_search(
-            example_ids(shard),
-            rollouter,
-            run_cfg.search,
-            seed=seed,
-            value_fn=guide if guide is not None else q_value,
-            on_step=_with_guide(guide, show),
-        )
-        share = eng.ledger.flops(eng.ledger.snapshot() - start) / len(trees)
-        return [tree.model_copy(update={"flops": share}) for tree in trees]
+        return show
 
     show()
     try:
         if shards and guide is None and make_guide is not None:  # prepared only if a tree is to be grown
             guide = stack.enter_context(make_guide())
+        work = GrowShard(run_cfg, cal.t_norm, seed, guide=guide, watch=watch)
         # A guide holds θ and its estimator on this engine: guided shards run here, in order.
-        run_on = LocalExecutor(lambda: engine) if guide is not None or executor is None else executor
-        for shard, trees in zip(shards, run_on.map(grow, shards), strict=True):
+        if guide is not None or executor is None:
+            executor, model = LocalExecutor.on(engine, initial=nll_engine), None
+        for shard, trees in zip(shards, executor.map(work, shards, model), strict=True):
             new = [(ex, tree) for ex, tree in zip(shard, trees, strict=True) if ex.id not in done]
             append_jsonl(trees_path, [tree for _, tree in new])
             for ex, tree in new:
@@ -360,7 +398,7 @@ def search_stage(
 
         s = grow_pool(engine, tasks, cfg, out, seed=seed, pairs=pair_cfg, progress=ctx.progress,
                       shard_size=shard_size, make_guide=make_guide if cfg.guide.lam != 0 else None,
-                      executor=ctx.executor, nll_engine=ctx.holder.initial())  # fmt: skip
+                      executor=ctx.executor, model=model, nll_engine=ctx.holder.initial())  # fmt: skip
         return {"trees": s.trees, "rollouts": s.rollouts, "pairs": s.pairs}
 
     return ctx.run("search", iteration, owner, inputs, body)[0]
