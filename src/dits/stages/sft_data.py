@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from dits.artifacts import SAMPLES_FILE, SFT_FILE, SFT_SUMMARY_FILE, write_jsonl_atomic, write_text_atomic
 from dits.config import SftDataConfig
 from dits.engine.base import Engine
+from dits.executor import Executor, LocalExecutor, Workbench
 from dits.mas.dialogue import Transcript, run_dialogues
 from dits.mas.protocol import ProtocolConfig, own_turn_content, render_view
 from dits.records import SftRow
@@ -72,6 +74,25 @@ class SftData(BaseModel):
     rows: list[SftRow]
 
 
+@dataclass(frozen=True)
+class SampleDialogues:
+    """iSFT sampling's work unit: one batch of ``(task, seed)`` conversations, and each utterance's NLL under
+    the initial model (the readability term's input)."""
+
+    protocol: ProtocolConfig
+    temperature: float
+    top_p: float
+
+    def __call__(
+        self, bench: Workbench, part: list[tuple[Example, int]]
+    ) -> list[tuple[Transcript, list[float]]]:
+        transcripts = run_dialogues(bench.engine(), [ex for ex, _ in part], self.protocol,
+                                    temperature=self.temperature, top_p=self.top_p,
+                                    seeds=[s for _, s in part])  # fmt: skip
+        nlls = utterance_nlls(bench.initial(), transcripts, self.protocol)
+        return list(zip(transcripts, nlls, strict=True))
+
+
 def sample_conversations(
     engine: Engine,
     examples: Sequence[Example],
@@ -84,9 +105,12 @@ def sample_conversations(
     nll_engine: Engine | None = None,
     progress: bool = False,
     batch: int = 256,
+    executor: Executor | None = None,
+    model: ModelRef | None = None,
 ) -> tuple[list[SampledConversation], float | None]:
     """``cfg.n_samples`` conversations per task in batched dialogue runs of ``batch`` conversations (a
-    progress bar counts them), rewarded with one scoring call.
+    progress bar counts them; ``executor`` runs the batches with ``model`` active, default: here on
+    ``engine``), each batch's utterances scored in one call per speaker.
 
     ``T_norm``: ``t_norm`` if given; else with ``cfg.token_norm == "task_max"`` (the reference) each task's
     longest sample, else the ``reward.t_norm_percentile`` of all samples (drawn at the rollout temperature,
@@ -96,13 +120,18 @@ def sample_conversations(
     cfg = cfg or SftDataConfig()
     flat = [(ex, j) for ex in examples for j in range(cfg.n_samples)]
     seeds = [derive_seed("dits.sft", seed, ex.id, j) for ex, j in flat]
+    if executor is None:
+        executor, model = LocalExecutor.on(engine, initial=nll_engine), None
+    work = SampleDialogues(protocol, cfg.temperature, cfg.top_p)
+    tasks = [(ex, s) for (ex, _), s in zip(flat, seeds, strict=True)]
+    parts = [tasks[i : i + batch] for i in range(0, len(tasks), batch)]
     transcripts: list[Transcript] = []
+    nlls: list[list[float]] = []
     with tqdm(total=len(flat), unit="conv", desc="sft-data", disable=not progress) as bar:
-        for i in range(0, len(flat), batch):
-            part = [ex for ex, _ in flat[i : i + batch]]
-            transcripts += run_dialogues(engine, part, protocol, temperature=cfg.temperature,
-                                         top_p=cfg.top_p, seeds=seeds[i : i + batch])  # fmt: skip
-            bar.update(len(part))
+        for done in executor.map(work, parts, model):
+            transcripts += [tr for tr, _ in done]
+            nlls += [nll for _, nll in done]
+            bar.update(len(done))
     norms: list[float]
     if t_norm is not None:
         norms = [t_norm] * len(flat)
@@ -114,7 +143,6 @@ def sample_conversations(
         for (ex, _), tr in zip(flat, transcripts, strict=True):
             longest[ex.id] = max(longest.get(ex.id, 1), tr.comm_tokens)
         norms = [float(longest[ex.id]) for ex, _ in flat]
-    nlls = utterance_nlls(nll_engine or engine, transcripts, protocol)
     samples = [
         SampledConversation(
             example_id=ex.id,
@@ -193,6 +221,8 @@ def build_sft_data(
     t_norm: float | None = None,
     nll_engine: Engine | None = None,
     progress: bool = False,
+    executor: Executor | None = None,
+    model: ModelRef | None = None,
 ) -> SftData:
     """Sample, reward, select, and turn the kept conversations into SFT rows; with ``out_dir``, write
     ``samples.jsonl`` (every sample and its reward), ``sft.jsonl`` (the rows) and ``sft_data.json``."""
@@ -210,6 +240,8 @@ def build_sft_data(
         t_norm=t_norm,
         nll_engine=nll_engine,
         progress=progress,
+        executor=executor,
+        model=model,
     )
     kept = select_conversations(samples, examples, cfg)
     by_id = {ex.id: ex for ex in examples}
@@ -253,7 +285,7 @@ def sft_data_stage(
     def body(out: Path) -> dict[str, float]:
         engine = ctx.activate(model)
         data = build_sft_data(engine, tasks, cfg.protocol, cfg.reward, out, cfg=cfg.sft_data, seed=seed,
-                              nll_engine=ctx.holder.initial(), progress=ctx.progress)  # fmt: skip
+                              progress=ctx.progress, executor=ctx.executor, model=model)  # fmt: skip
         return {"tasks": len(tasks), "samples": len(data.samples), "kept": len(data.kept),
                 "rows": len(data.rows)}  # fmt: skip
 
