@@ -6,10 +6,12 @@ shuffled with ``influence.seed``, so the same pool always gives the same chunks)
 its chunk index as ``candidate``; a rerun reads the file back (a torn last line is cut off), checks every
 stored chunk against the pool, and scores only the missing ones.
 
-θ and the validation tasks come from :mod:`dits.stages.context` (:func:`influence_theta`,
-:func:`validation_tasks`), as they do for the influence-guided search (with ``influence.warmup_steps``,
-θ is first trained on the pool, as in the reference; the guided search, which has no pool yet, does not):
-``dits influence`` and the pipeline's influence stage give the same scores for the same config and pool.
+θ is the rule of :func:`~dits.stages.context.influence_theta` (the lineage's adapter, or the seeded probe
+LoRA) written as a :class:`Theta` any process can materialise, so chunks can be scored on Ray actors;
+the validation tasks come from :func:`~dits.stages.context.validation_tasks`, as they do for the
+influence-guided search (with ``influence.warmup_steps``, θ is first trained on the pool, as in the
+reference; the guided search, which has no pool yet, does not). ``dits influence`` and the pipeline's
+influence stage give the same scores for the same config and pool.
 """
 
 from __future__ import annotations
