@@ -34,6 +34,7 @@ from dits.ledger import Ledger
 from dits.seeding import derive_seed
 from dits.tasks.example import Example
 from dits.tasks.source import examples_for
+from dits.train.config import LoraSettings
 
 __all__ = [
     "EngineHolder",
@@ -41,6 +42,7 @@ __all__ = [
     "ModelRef",
     "Product",
     "StageContext",
+    "Theta",
     "example_ids",
     "executor_for",
     "influence_theta",
@@ -249,19 +251,48 @@ def probe_shape(cfg: RunConfig, model: ModelRef) -> dict[str, Any] | None:
     return {"lora": cfg.train.lora.model_dump(mode="json"), "seed": cfg.influence.seed}
 
 
+@dataclass(frozen=True)
+class Theta:
+    """θ as any process can make it on its policy: an adapter already there or saved at ``path`` (named
+    ``name``), or a fresh probe LoRA of shape ``lora`` seeded with ``seed``
+    (:func:`~dits.influence.inputs.probe_adapter`)."""
+
+    name: str | None = None
+    path: str | None = None
+    lora: LoraSettings | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg: RunConfig, model: ModelRef) -> Theta:
+        """The run's θ for ``model``: its adapter when it is one, else a fresh LoRA (``train.lora``, B = 0, so
+        the same function as the model) seeded with ``influence.seed``."""
+        if model.kind == "adapter":
+            return cls(name=model.adapter_name, path=model.path)
+        return cls(lora=cfg.train.lora, seed=cfg.influence.seed)
+
+    def make(self, policy: TrainablePolicy) -> tuple[str, bool]:
+        """θ's adapter name on ``policy``, and whether it was added here (and so is to be removed)."""
+        if self.lora is not None:
+            return probe_adapter(policy, self.lora, seed=self.seed), True
+        assert self.name is not None
+        if self.name in policy.adapter_names():
+            return self.name, False
+        if self.path is None:
+            raise ValueError(f"adapter {self.name!r} is not loaded and has no saved directory")
+        policy.load_adapter(self.name, self.path)
+        return self.name, True
+
+
 @contextmanager
 def influence_theta(engine: TrainablePolicy, cfg: RunConfig, model: ModelRef) -> Iterator[str]:
-    """θ for the estimators, as an adapter name on ``engine``: the lineage's adapter when ``model`` is one
-    (it must be active), else a fresh LoRA (``train.lora``, B = 0, so the same function as the model) seeded
-    with ``influence.seed`` and removed again after the block; generation keeps using ``model``."""
-    if model.kind == "adapter":
-        yield model.adapter_name
-        return
-    name = probe_adapter(engine, cfg.train.lora, seed=cfg.influence.seed)
+    """θ for the estimators (:meth:`Theta.of`), as an adapter name on ``engine``, removed again after the
+    block if it was added for it; generation keeps using ``model``."""
+    name, added = Theta.of(cfg, model).make(engine)
     try:
         yield name
     finally:
-        engine.delete_adapter(name)
+        if added:
+            engine.delete_adapter(name)
 
 
 @dataclass

@@ -6,8 +6,8 @@ shuffled with ``influence.seed``, so the same pool always gives the same chunks)
 its chunk index as ``candidate``; a rerun reads the file back (a torn last line is cut off), checks every
 stored chunk against the pool, and scores only the missing ones.
 
-θ is the rule of :func:`~dits.stages.context.influence_theta` (the lineage's adapter, or the seeded probe
-LoRA) written as a :class:`Theta` any process can materialise, so chunks can be scored on Ray actors;
+θ is a :class:`~dits.stages.context.Theta` (the lineage's adapter, or the seeded probe LoRA) that any
+process can materialise, so chunks can be scored on Ray actors;
 the validation tasks come from :func:`~dits.stages.context.validation_tasks`, as they do for the
 influence-guided search (with ``influence.warmup_steps``, θ is first trained on the pool, as in the
 reference; the guided search, which has no pool yet, does not). ``dits influence`` and the pipeline's
@@ -29,24 +29,22 @@ from tqdm.auto import tqdm
 from dits.artifacts import SCORES_FILE, TRAIN_RESULT_FILE, StageIncomplete, append_jsonl, read_jsonl
 from dits.config import RunConfig
 from dits.engine.base import Engine
-from dits.engine.policy import TrainablePolicy
 from dits.executor import Executor, LocalExecutor, Workbench
 from dits.influence import MetricFn, chunk_pairs, make_estimator
 from dits.influence.base import InfluenceEstimator
-from dits.influence.inputs import probe_adapter
 from dits.records import InfluenceScore, PreferencePair, pair_key
 from dits.stages.context import (
     ModelRef,
     Product,
     StageContext,
+    Theta,
     example_ids,
     probe_shape,
     validation_tasks,
 )
 from dits.tasks.example import Example
-from dits.train.config import LoraSettings
 
-__all__ = ["InfluenceRun", "ScoreChunk", "Theta", "influence_stage", "score_pool"]
+__all__ = ["InfluenceRun", "ScoreChunk", "influence_stage", "score_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -88,30 +86,6 @@ class InfluenceRun(BaseModel):
             f"{len(self.scores)} of {self.chunks} chunks scored ({self.scored_now} now; "
             f"{self.flops:.3g} FLOPs, {self.seconds:.1f}s of estimation); scores: {self.scores_path}"
         )
-
-
-@dataclass(frozen=True)
-class Theta:
-    """θ as any process can make it on its policy: an adapter already there or saved at ``path`` (named
-    ``name``), or a fresh probe LoRA of shape ``lora`` seeded with ``seed``
-    (:func:`~dits.influence.inputs.probe_adapter`)."""
-
-    name: str | None = None
-    path: str | None = None
-    lora: LoraSettings | None = None
-    seed: int = 0
-
-    def make(self, policy: TrainablePolicy) -> tuple[str, bool]:
-        """θ's adapter name on ``policy``, and whether it was added here (and so is to be removed)."""
-        if self.lora is not None:
-            return probe_adapter(policy, self.lora, seed=self.seed), True
-        assert self.name is not None
-        if self.name in policy.adapter_names():
-            return self.name, False
-        if self.path is None:
-            raise ValueError(f"adapter {self.name!r} is not loaded and has no saved directory")
-        policy.load_adapter(self.name, self.path)
-        return self.name, True
 
 
 @dataclass
@@ -222,16 +196,14 @@ def score_pool(
 
 
 def _theta(ctx: StageContext, model: ModelRef, pairs: Path, out: Path) -> Theta:
-    """θ of the stage: :func:`~dits.stages.context.influence_theta`'s (the lineage's adapter, or the seeded
-    probe LoRA), or with ``influence.warmup_steps`` the reference's warm-up model: LoRA DPO from ``model``
-    on the whole pool for that many steps, trained here, saved under ``out/warmup`` (a resumed stage uses
-    it instead of training again) and charged to the stage; every process loads it from there."""
+    """θ of the stage: :meth:`Theta.of` (the lineage's adapter, or the seeded probe LoRA), or with
+    ``influence.warmup_steps`` the reference's warm-up model: LoRA DPO from ``model`` on the whole pool for
+    that many steps, trained here, saved under ``out/warmup`` (a resumed stage uses it instead of training
+    again) and charged to the stage; every process loads it from there."""
     cfg = ctx.cfg
     steps = cfg.influence.warmup_steps
     if steps == 0:
-        if model.kind == "adapter":
-            return Theta(name=model.adapter_name, path=model.path)
-        return Theta(lora=cfg.train.lora, seed=cfg.influence.seed)
+        return Theta.of(cfg, model)
     warm, name = out / WARMUP_DIR, "influence-warmup"
     if not (warm / TRAIN_RESULT_FILE).is_file():
         from dits.train import train_dpo
