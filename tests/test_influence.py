@@ -286,8 +286,8 @@ def test_projected_gradient_equals_the_unprojected_one_in_expectation(gradient, 
 
 
 def test_gradient_candidate_is_charged_like_the_step_it_stands_for(engine, adapter, gradient, chunks):
-    """The DPO gradient of a candidate costs what the step's own forward and backward cost: the reference
-    forward booked as scoring, the policy forward and backward as training (not the reference too)."""
+    """The DPO gradient of a candidate costs what the step's own forward and backward cost: the policy
+    forward and backward, booked as training; neither runs a reference forward (the reference is θ)."""
     from dits.train.step import one_step
 
     before = engine.ledger.snapshot()
@@ -297,5 +297,5 @@ def test_gradient_candidate_is_charged_like_the_step_it_stands_for(engine, adapt
     before = engine.ledger.snapshot()
     gradient.dpo_gradient(chunks[0])  # type: ignore[attr-defined]
     grad = engine.ledger.snapshot() - before
-    assert step.trained_tokens > 0 and step.scored_tokens > 0
-    assert (grad.trained_tokens, grad.scored_tokens) == (step.trained_tokens, step.scored_tokens)
+    assert step.trained_tokens > 0 and step.scored_tokens == step.prompt_tokens == 0
+    assert grad == step

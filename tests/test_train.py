@@ -132,6 +132,14 @@ def _independent_tokens(engine, prompt, completions) -> int:
     return total
 
 
+def _shared_prompt_tokens(engine, prompt) -> int:
+    """What two rows with this prompt share in one forward: the prompt (through the assistant header), all
+    but its last token, which predicts each row's first completion token."""
+    tok = engine.tokenizer
+    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return len(tok(text, add_special_tokens=False)["input_ids"]) - 1
+
+
 # --------------------------------------------------------------------------------------------- config
 
 
@@ -337,6 +345,46 @@ def test_dpo_loss_equals_trl_loss(engine, noisy_adapter, tmp_path):
     assert REF_ADAPTER not in _adapters(engine) and TRAIN_ADAPTER not in _adapters(engine)
 
 
+def test_shared_prompt_keeps_the_gradient_of_separate_rows(engine, noisy_adapter):
+    """A pair's chosen and rejected turns scored together share their prompt's KV (computed once, inside
+    the graph): the gradient of their log-prob difference equals the one of each row scored alone."""
+    from dits.train.rows import assistant_turn_text
+    from dits.train.step import sequence_logps
+
+    params = engine.adapter_parameters(noisy_adapter)
+    pair = PAIRS[0]
+    texts = [assistant_turn_text(engine.tokenizer, pair.prompt, t) for t in (pair.chosen, pair.rejected)]
+
+    def grad(together: bool) -> tuple[dict[str, torch.Tensor], int]:
+        before = engine.ledger.snapshot()
+        with torch.enable_grad():
+            if together:
+                c, r = sequence_logps(engine, [pair])
+            else:  # one row per call: nothing to share
+                c, r = (
+                    engine.score_tensors([pair.prompt], [t], keep_graph=True)[0].tensor.sum() for t in texts
+                )
+            got = torch.autograd.grad((c - r).sum(), list(params.values()))
+        return dict(zip(params, got, strict=True)), (engine.ledger.snapshot() - before).cached_tokens
+
+    flags = {n: p.requires_grad for n, p in params.items()}
+    active = engine.active_adapter
+    engine.set_adapter(noisy_adapter)
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        shared, cached = grad(True)
+        alone, cached_alone = grad(False)
+    finally:
+        engine.set_adapter(active)
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+    assert cached == _shared_prompt_tokens(engine, pair.prompt) and cached_alone == 0
+    assert any(float(g.abs().max()) > 0 for g in shared.values())
+    for name in shared:
+        assert torch.allclose(shared[name], alone[name], rtol=1e-3, atol=1e-6), name
+
+
 # --------------------------------------------------------------------------------------------- one step
 
 
@@ -367,7 +415,9 @@ def test_one_step_then_restore_is_exact_and_lr0_changes_nothing(engine, noisy_ad
     seq_tokens = _independent_tokens(
         engine, p.prompt, [[{"role": "assistant", "content": c}] for c in (p.chosen, p.rejected)]
     )
-    assert spent.trained_tokens == handle.trained_tokens == seq_tokens
+    # The chosen and rejected rows share their prompt's forward; no reference forward (the reference is θ).
+    shared = _shared_prompt_tokens(engine, p.prompt)
+    assert spent.trained_tokens == handle.trained_tokens == seq_tokens - shared
     handle.restore()
     assert all(torch.equal(p, saved[n]) for n, p in params.items())
 

@@ -247,7 +247,7 @@ class HFEngine(Engine):
             self.ledger = real
             c = scratch.counts
             assert c is not None
-            real.charge(trained_tokens=c.prompt_tokens + c.scored_tokens)
+            real.charge(trained_tokens=c.prompt_tokens - c.cached_tokens + c.scored_tokens)
 
     # ------------------------------------------------------------------ generate
 
@@ -485,9 +485,10 @@ class HFEngine(Engine):
         max_c = max(len(c) for _, c in pairs)
         if max_c == 0:
             return [ScoredCompletion([], []) for _ in pairs]
-        # Shared-prefix reuse as in generation; not when a graph is kept (the gradient estimator
-        # differentiates through every position, and its batches are small).
-        shared = 0 if keep_graph else self._shared_prefix([p for p, _ in pairs])
+        # Shared-prefix reuse as in generation, also when a graph is kept: the prefix's KV is then part of
+        # the graph and every row's gradient flows back into it (a DPO pair's chosen and rejected turns share
+        # their whole prompt, most of the pair's tokens, so its forward and backward cost about half).
+        shared = self._shared_prefix([p for p, _ in pairs])
         prefix = self._prefix_kv(pairs[0][0][:shared])
         ids, attn = self._left_pad([(p + c)[shared:] for p, c in pairs], self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)

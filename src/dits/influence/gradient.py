@@ -133,18 +133,16 @@ class GradientEstimator(LikelihoodEstimator):
         return out / math.sqrt(d)
 
     def dpo_gradient(self, chunk: list[PreferencePair]) -> dict[str, torch.Tensor]:
-        """``∇L_DPO(z)`` on the adapter's tensors at θ (reference = θ, as in the step itself). The reference
-        forward runs first, outside the gradient context, so the ledger books it as scoring, as
-        :func:`~dits.train.step.one_step` does; only the policy forward and backward are training."""
-        from dits.train.step import backward_dpo, reference_logps
+        """``∇L_DPO(z)`` on the adapter's tensors at θ (reference = θ, as in the step itself): one forward
+        and backward per pair, the reference log-probs being the forward's own (see
+        :func:`~dits.train.step.dpo_loss`)."""
+        from dits.train.step import backward_dpo
 
-        with active_adapter(self.engine, self.adapter):
-            ref = reference_logps(self.engine, chunk)
         with self._grad_on_adapter() as params:
             for p in params.values():
                 p.grad = None
             try:
-                backward_dpo(self.engine, chunk, self.cfg.beta, ref)  # one pair's graph at a time
+                backward_dpo(self.engine, chunk, self.cfg.beta)  # one pair's graph at a time
                 return {
                     n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().clone()
                     for n, p in params.items()

@@ -71,27 +71,32 @@ def dpo_loss(
     engine: TrainablePolicy, pairs: Pairs, beta: float, ref_logps: RefLogps | None = None
 ) -> torch.Tensor:
     """Mean sigmoid DPO loss ``-log σ(β[(π_c - ref_c) - (π_r - ref_r)])`` with the policy = the engine's
-    active adapter (differentiable) and the given reference log-probs; without them the reference is the
-    current policy itself (the start of a DPO step from here: the loss is log 2, the gradient is not 0)."""
-    if ref_logps is None:
-        ref_logps = reference_logps(engine, pairs)
-    ref_c, ref_r = (torch.as_tensor(t, dtype=torch.float32) for t in ref_logps)
-    if ref_c.shape != (len(pairs),) or ref_r.shape != (len(pairs),):
-        raise ValueError(f"ref_logps must hold {len(pairs)} chosen and rejected values")
+    active adapter (differentiable) and the given reference log-probs. Without them the reference is the
+    current policy itself (the start of a DPO step from here): its log-probs are the policy forward's own,
+    detached, so no second forward runs; the loss is log 2 and the gradient ``-β/2·∇(π_c - π_r)``."""
+    if ref_logps is not None:
+        ref_c, ref_r = (torch.as_tensor(t, dtype=torch.float32) for t in ref_logps)
+        if ref_c.shape != (len(pairs),) or ref_r.shape != (len(pairs),):
+            raise ValueError(f"ref_logps must hold {len(pairs)} chosen and rejected values")
     with torch.enable_grad():
         pol_c, pol_r = sequence_logps(engine, pairs)
+        if ref_logps is None:
+            ref_c, ref_r = pol_c.detach(), pol_r.detach()
         delta = (pol_c - ref_c.to(pol_c.device)) - (pol_r - ref_r.to(pol_r.device))
         return -F.logsigmoid(beta * delta).mean()
 
 
-def backward_dpo(engine: TrainablePolicy, pairs: Pairs, beta: float, ref_logps: RefLogps) -> float:
+def backward_dpo(
+    engine: TrainablePolicy, pairs: Pairs, beta: float, ref_logps: RefLogps | None = None
+) -> float:
     """Accumulate ``∇`` of :func:`dpo_loss` over ``pairs`` into the trainable tensors' ``.grad``, one pair
     per backward: the loss is a mean of per-pair terms, so this is exact, and only one pair's graph is held
-    at a time (a chunk of 5 pairs' graph is ~10 sequences' activations). Returns the loss."""
-    ref_c, ref_r = (torch.as_tensor(t, dtype=torch.float32) for t in ref_logps)
+    at a time (a chunk of 5 pairs' graph is ~10 sequences' activations). ``ref_logps`` None: the reference
+    is the policy itself (see :func:`dpo_loss`). Returns the loss."""
     total = 0.0
     for i, pair in enumerate(pairs):
-        loss = dpo_loss(engine, [pair], beta, (ref_c[i : i + 1], ref_r[i : i + 1])) / len(pairs)
+        ref = None if ref_logps is None else (ref_logps[0][i : i + 1], ref_logps[1][i : i + 1])
+        loss = dpo_loss(engine, [pair], beta, ref) / len(pairs)
         loss.backward()
         total += float(loss.detach())
     return total
@@ -155,9 +160,9 @@ def one_step(
     tensor entry, as in the reference code's probe; or plain SGD), on that adapter's tensors only, in the
     model's current (eval) mode so no dropout makes the step random.
 
-    ``ref_logps`` default: the adapter itself before the step (see :func:`dpo_loss`). The active adapter is
-    the same afterwards as before. The reference forward is charged to the ledger as scoring, the policy
-    forward + backward as trained tokens.
+    ``ref_logps`` default: the adapter itself before the step, taken from the policy forward (see
+    :func:`dpo_loss`). The active adapter is the same afterwards as before. The policy forward + backward is
+    charged to the ledger as trained tokens (a chosen and a rejected turn share their prompt's forward).
     """
     if lr < 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
@@ -169,8 +174,6 @@ def one_step(
     flags = [(p, p.requires_grad) for p in engine.model.parameters()]  # PEFT's set_adapter flips them too
     engine.set_adapter(adapter_name)
     try:
-        if ref_logps is None:
-            ref_logps = reference_logps(engine, pairs)
         with _only_trainable(engine.model, params):
             before = engine.ledger.snapshot()
             with engine.booked_as_training():  # the policy forward is part of the training step
