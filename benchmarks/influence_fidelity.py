@@ -17,8 +17,9 @@ Prints one JSON object: per estimator the Spearman correlation with the ground t
 half (share of the ground truth's top N/2 chunks the estimator also puts in its top half), and the cost
 (ledger FLOPs and seconds, preparation included), plus ``cost_ratio_vs_rollout`` (FLOPs and seconds, and the
 FLOPs of one more candidate, preparation left out) for ``likelihood`` and ``gradient``; and, for the ground
-truth itself, a split-half Spearman (its G tasks in two halves): how much rank signal the ground truth holds
-at all.
+truth itself, a split-half Spearman (its G tasks in two halves) and the whole's Spearman-Brown reliability:
+how much rank signal the ground truth holds at all (``has_signal``: split-half ≥ 0.6; below it, the
+estimators' correlations are mostly noise).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import statistics
 import sys
 import tempfile
@@ -40,7 +42,7 @@ from scipy.stats import spearmanr
 from dits.artifacts import read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
-from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_estimator
+from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_estimator, pair_key
 from dits.influence.base import metered
 from dits.influence.inputs import probe_adapter
 from dits.mas.dialogue import run_dialogues
@@ -96,6 +98,28 @@ class GroundTruth:
         return statistics.fmean(sel)
 
 
+def draw_chunks(pool: list[PreferencePair], args: argparse.Namespace) -> list[list[PreferencePair]]:
+    """N candidates of c pairs: disjoint chunks of the shuffled pool (``partition``), or N distinct seeded
+    random c-subsets (``random``: candidates may share pairs, so a small pool still gives N of size c)."""
+    c, n = args.chunk_size, args.candidates
+    if args.draw == "partition":
+        chunks = [ch for ch in chunk_pairs(pool, c, seed=args.seed) if len(ch) == c][:n]
+    else:
+        if len(pool) < c:
+            raise SystemExit(f"the pool ({len(pool)} pairs) is smaller than a chunk ({c})")
+        rng, seen, chunks = random.Random(args.seed), set(), []
+        for _ in range(100 * n):
+            if len(chunks) == n:
+                break
+            idx = tuple(sorted(rng.sample(range(len(pool)), c)))
+            if idx not in seen:
+                seen.add(idx)
+                chunks.append([pool[i] for i in idx])
+    if len(chunks) < 4:
+        raise SystemExit(f"the pool ({len(pool)} pairs) gives {len(chunks)} chunks of {c}; grow a larger one")
+    return chunks
+
+
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The one config of the benchmark: the pool's search, the protocol, the task and θ's LoRA."""
     return load_config(None, {
@@ -106,8 +130,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def get_pool(args: argparse.Namespace, cfg: RunConfig, engine: HFEngine, work: Path) -> list[PreferencePair]:
-    if args.pairs:  # several files: the union of their pools
-        return [p for path in args.pairs for p in read_jsonl(path, PreferencePair)]
+    if args.pairs:  # several files: the union of their pools (a pair in two of them counted once)
+        union = {pair_key(p): p for path in args.pairs for p in read_jsonl(path, PreferencePair)}
+        return list(union.values())
     train = examples_for(cfg.task, "train")
     log.info("synthesizing a pool on %d train tasks into %s", len(train), work / "pool")
     summary = grow_pool(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=args.progress)
@@ -125,8 +150,14 @@ def main() -> None:
     ap.add_argument("--explore", type=int, default=2)
     ap.add_argument("--expand", type=int, default=2)
     ap.add_argument("--candidates", type=int, default=16, help="N chunks scored (at most the pool's)")
-    ap.add_argument("--chunk-size", type=int, default=2, help="c: pairs per chunk (one step on all)")
-    ap.add_argument("--val-tasks", type=int, default=8, help="V: dev tasks the estimators see")
+    ap.add_argument("--chunk-size", type=int, default=5, help="c: pairs per chunk (one step on all)")
+    ap.add_argument(
+        "--draw",
+        choices=["partition", "random"],
+        default="partition",
+        help="disjoint chunks, or distinct random c-subsets (a small pool, many candidates)",
+    )
+    ap.add_argument("--val-tasks", type=int, default=20, help="V: dev tasks the estimators see")
     ap.add_argument("--samples", type=int, default=4, help="K samples per task (likelihood, gradient)")
     ap.add_argument("--gt-tasks", type=int, default=24, help="G: dev tasks of the ground truth")
     ap.add_argument("--gt-samples", type=int, default=2, help="S: samples per ground-truth task")
@@ -151,10 +182,7 @@ def main() -> None:
     cfg = run_config(args)
     protocol = cfg.protocol
     pool = get_pool(args, cfg, engine, work)
-    chunks = chunk_pairs(pool, args.chunk_size, seed=args.seed)
-    chunks = [c for c in chunks if len(c) == args.chunk_size][: args.candidates]
-    if len(chunks) < 4:
-        raise SystemExit(f"the pool ({len(pool)} pairs) gives {len(chunks)} full chunks; grow a larger one")
+    chunks = draw_chunks(pool, args)
     # The dev size stays out of the pool's config: the trees' digest covers the task section.
     dev = examples_for(cfg.task.model_copy(update={"dev": args.val_tasks + args.gt_tasks}), "dev")
     val, gt_tasks = dev[: args.val_tasks], dev[args.val_tasks :]
@@ -174,6 +202,7 @@ def main() -> None:
             log.info("ground truth %d/%d: %+.4f", i + 1, len(chunks), truth[-1])
     engine.set_adapter(None)
 
+    split_half = spearman([h[0] for h in halves], [h[1] for h in halves])
     report: dict[str, Any] = {
         "benchmark": "influence_fidelity",
         "settings": vars(args),
@@ -183,7 +212,10 @@ def main() -> None:
             "baseline_metric": statistics.fmean(base),
             "scores": truth,
             "distinct": len(set(truth)),
-            "split_half_spearman": spearman([h[0] for h in halves], [h[1] for h in halves]),
+            "split_half_spearman": split_half,
+            # Spearman-Brown: the rank reliability of the whole G tasks, from that of each half.
+            "reliability": None if split_half is None else max(0.0, 2 * split_half / (1 + split_half)),
+            "has_signal": split_half is not None and split_half >= 0.6,
             "flops": gt_cost.flops,
             "seconds": gt_cost.seconds,
         },

@@ -1,0 +1,253 @@
+"""Influence-guided search, measured: does steering the tree search by ``Q + λ·Î`` give better data than
+spending the same compute on more Q-value search?
+
+Each arm grows a pool by tree search on the embedded model and built-in training tasks, then trains a DPO
+model from it the same way, and every model is evaluated greedily on the same test tasks:
+
+- ``lam_0`` (Optima's search): λ = 0 on the first ``--train-tasks`` tasks, then more trees, from train tasks
+  no guided arm uses, until its ledger FLOPs reach the guided arms' mean (the ``q-budget`` rule: the count
+  of extra trees is fixed up front from the mean cost of a tree);
+- ``lam_<λ>`` for each ``--lam``: the influence-guided search (:mod:`dits.search.guided`) on the same first
+  tasks, its guide's estimator prepared on θ = a fresh LoRA (the base model) and the dev split; its
+  preparation and scoring are in its FLOPs.
+
+All arms share one ``T_norm`` (calibrated once, not charged to any arm), so Q is on one scale. From each pool
+the top ``K`` pairs by Q are kept, ``K`` the smallest pool's size times ``--ratio`` (equal DPO cost), and
+a fresh LoRA (same seed) is trained on them with the same DPO steps, batch and lr.
+
+Prints one JSON object: per arm the pool (trees, rollouts, pairs, FLOPs, seconds, the mean task metric of the
+chosen responses over the pool and over the kept pairs, the mean metric of all rollouts), training (pairs,
+steps, loss) and the test metric with its interval; per guided arm the paired difference against
+``lam_0`` on the same test tasks; ``best_lam``, chosen by the pool's chosen-response metric (not by the
+test metric, which would select on the test set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dits.artifacts import read_jsonl
+from dits.config import RunConfig, load_config
+from dits.engine.hf import HFEngine
+from dits.evaluate import paired_bootstrap
+from dits.records import PreferencePair
+from dits.search.tree import Tree
+from dits.select import SelectConfig, select_pairs
+from dits.stages.context import ModelRef
+from dits.stages.search import grow_pool, load_or_calibrate_t_norm, prepared_guide
+from dits.tasks.source import examples_for
+from dits.train.config import TrainConfig
+from dits.train.dpo import train_dpo
+from selection_quality import evaluate, flops
+
+log = logging.getLogger("guided_search")
+
+
+def run_config(args: argparse.Namespace, lam: float, train_tasks: int) -> RunConfig:
+    thresholds = {"pairs.tau": args.tau, "pairs.min_gap": args.min_gap}
+    return load_config(
+        None,
+        {
+            **{k: v for k, v in thresholds.items() if v is not None},
+            "name": "guided-search",
+            "seed": args.seed,
+            "task.dataset": "facts",
+            "task.train": train_tasks,
+            "task.dev": args.val_tasks,
+            "task.test": args.test_tasks,
+            "search.explore": args.explore,
+            "search.expand": args.expand,
+            "protocol.max_turns": args.max_turns,
+            "protocol.max_new_tokens": args.max_new_tokens,
+            "influence.val_tasks": args.val_tasks,
+            "influence.samples_per_task": args.samples,
+            "influence.lr": args.influence_lr,
+            "guide.lam": lam,
+            "guide.estimator": args.estimator,
+        },
+    )
+
+
+def chosen_metrics(trees: list[Tree], pairs: list[PreferencePair]) -> list[float]:
+    """Per pair, the mean task metric of the rollouts through its chosen utterance."""
+    by_task = {t.task_id: t for t in trees}
+    out = []
+    for p in pairs:
+        tree = by_task[p.tree_task_id]
+        node = tree.nodes[p.chosen_id]
+        out.append(statistics.fmean(tree.rollouts[i].metric for i in node.rollouts) if node.rollouts else 0.0)
+    return out
+
+
+def grow(
+    engine: HFEngine, cfg: RunConfig, out: Path, n: int, t_norm: float, progress: bool
+) -> tuple[list[Tree], list[PreferencePair], dict[str, Any]]:
+    """The first ``n`` train tasks' trees in ``out`` (grown or finished there), guided when ``cfg`` is."""
+    train = examples_for(cfg.task, "train")[:n]
+    before = engine.ledger.snapshot()
+
+    def make_guide():  # type: ignore[no-untyped-def]
+        return prepared_guide(engine, cfg, ModelRef.base(cfg), train)
+
+    summary = grow_pool(
+        engine, train, cfg, out, t_norm=t_norm, progress=progress,
+        make_guide=make_guide if cfg.guide.lam else None,
+    )  # fmt: skip
+    trees = read_jsonl(summary.trees_path, Tree)
+    pairs = read_jsonl(summary.pairs_path, PreferencePair)
+    info = {
+        "trees": summary.trees,
+        "rollouts": summary.rollouts,
+        "pairs": len(pairs),
+        "flops": flops(engine, before),
+        "guide_flops": summary.guide_flops,
+        "guide_pairs_scored": summary.guide_pairs_scored,
+        "seconds": summary.seconds,
+    }
+    return trees, pairs, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--lam", type=float, action="append", default=[], help="λ > 0, repeatable (default 1.0)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--train-tasks", type=int, default=16, help="tasks every arm searches (one tree each)")
+    ap.add_argument("--val-tasks", type=int, default=8, help="dev tasks the guide's Î is measured on")
+    ap.add_argument("--samples", type=int, default=2, help="K sampled conversations per dev task")
+    ap.add_argument("--estimator", choices=["likelihood", "gradient"], default="gradient")
+    ap.add_argument("--influence-lr", type=float, default=5e-5)
+    ap.add_argument("--test-tasks", type=int, default=128)
+    ap.add_argument("--explore", type=int, default=2)
+    ap.add_argument("--expand", type=int, default=2)
+    ap.add_argument("--max-turns", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--tau", type=float, default=None, help="pair threshold on Q(chosen) (default per dataset)"
+    )
+    ap.add_argument("--min-gap", type=float, default=None, help="pair threshold on the Q gap (default 0.2)")
+    ap.add_argument("--ratio", type=float, default=1.0, help="K = ratio × the smallest pool")
+    ap.add_argument("--dpo-steps", type=int, default=4)
+    ap.add_argument("--dpo-batch", type=int, default=1)
+    ap.add_argument("--dpo-accum", type=int, default=4)
+    ap.add_argument("--dpo-lr", type=float, default=5e-4)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--work-dir", default=None, help="keep pools and adapters here (default: a temp dir)")
+    ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
+    args = ap.parse_args()
+    lams = args.lam or [1.0]
+    if any(lam <= 0 for lam in lams):
+        raise SystemExit("--lam: the guided arms need λ > 0 (λ = 0 is always run)")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+
+    engine = HFEngine(args.model)
+    tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="dits-guided-")
+    root = Path(args.work_dir or tmp.name)  # type: ignore[union-attr]
+    n = args.train_tasks
+    # Spare tasks for the λ = 0 arm's extra trees: the guided search costs a few times a plain one here.
+    spare = 4 * n
+    cfg0 = run_config(args, 0.0, n + spare)
+    cal = load_or_calibrate_t_norm(
+        engine, examples_for(cfg0.task, "train")[:n], cfg0, root / "t_norm.json", seed=cfg0.seed
+    )
+    test = examples_for(cfg0.task, "test")
+
+    pools: dict[str, tuple[list[Tree], list[PreferencePair], dict[str, Any]]] = {}
+    for lam in lams:
+        log.info("guided search, λ = %g, on %d tasks", lam, n)
+        pools[f"lam_{lam:g}"] = grow(engine, run_config(args, lam, n + spare), root / f"lam_{lam:g}", n,
+                                     cal.t_norm, args.progress)  # fmt: skip
+    log.info("Q-value search on %d tasks", n)
+    trees0, _, base_info = grow(engine, cfg0, root / "lam_0", n, cal.t_norm, args.progress)
+    target = statistics.fmean(info["flops"] for _, _, info in pools.values())
+    per_tree = base_info["flops"] / n
+    extra = min(spare, max(0, round((target - base_info["flops"]) / per_tree)))
+    log.info("λ = 0: %d extra trees to reach %.3g FLOPs (%.3g per tree)", extra, target, per_tree)
+    trees0, pairs0, more = grow(engine, cfg0, root / "lam_0", n + extra, cal.t_norm, args.progress)
+    more.update(flops=base_info["flops"] + more["flops"], seconds=base_info["seconds"] + more["seconds"],
+                extra_trees=extra, flops_vs_guided=(base_info["flops"] + more["flops"]) / target)  # fmt: skip
+    pools = {"lam_0": (trees0, pairs0, more), **pools}
+
+    smallest = min(len(p) for _, p, _ in pools.values())
+    if smallest == 0:
+        raise SystemExit("a pool has no pairs: use more --train-tasks or --explore")
+    keep = max(1, round(args.ratio * smallest))
+    tcfg = TrainConfig.model_validate(
+        {
+            "seed": args.seed,
+            "dpo": {
+                "lr": args.dpo_lr, "beta": args.beta, "batch_size": args.dpo_batch,
+                "grad_accum": args.dpo_accum, "max_steps": args.dpo_steps, "epochs": 1000,
+            },
+        }
+    )  # fmt: skip
+    log.info("evaluating the untrained model on %d test tasks", len(test))
+    untrained = evaluate(engine, test, cfg0, None)
+    arms: dict[str, dict[str, Any]] = {}
+    for name, (trees, pairs, info) in pools.items():
+        kept = select_pairs(pairs, None, SelectConfig(strategy="q", seed=args.seed), keep=keep)
+        log.info("%s: DPO on %d of %d pairs", name, len(kept), len(pairs))
+        torch.manual_seed(args.seed)  # the fresh LoRA's initial A: the same draw for every arm
+        adapter = f"gs_{name}"
+        before = engine.ledger.snapshot()
+        result = train_dpo(engine, kept, tcfg, root / "dpo" / name, adapter_name=adapter)
+        train_flops = flops(engine, before)
+        try:
+            ev = evaluate(engine, test, cfg0, adapter)
+        finally:
+            engine.delete_adapter(adapter)
+        all_metrics = [r.metric for t in trees for r in t.rollouts]
+        arms[name] = {
+            "pool": {
+                **info,
+                "chosen_metric": statistics.fmean(chosen_metrics(trees, pairs)),
+                "chosen_metric_kept": statistics.fmean(chosen_metrics(trees, kept)),
+                "rollout_metric": statistics.fmean(all_metrics),
+            },
+            "train": {
+                "pairs": result.rows,
+                "steps": result.steps,
+                "loss": result.train_loss,
+                "flops": train_flops,
+            },
+            **ev,
+        }
+    for name, arm in arms.items():
+        if name != "lam_0":
+            assert arm["_ids"] == arms["lam_0"]["_ids"]
+            d = paired_bootstrap(arm["_values"], arms["lam_0"]["_values"])
+            arm["minus_lam_0"] = {"mean": d.mean, "ci95": [d.low, d.high]}
+    guided = [a for a in arms if a != "lam_0"]
+    best = max(guided, key=lambda a: arms[a]["pool"]["chosen_metric"])
+    report = {
+        "benchmark": "guided_search",
+        "settings": {**vars(args), "lam": lams, "t_norm": cal.t_norm, "keep": keep},
+        "untrained": {k: v for k, v in untrained.items() if not k.startswith("_")},
+        "arms": {a: {k: v for k, v in e.items() if not k.startswith("_")} for a, e in arms.items()},
+        "best_lam": best,
+        "best_minus_lam_0": arms[best]["minus_lam_0"],
+        "seconds": time.perf_counter() - t_start,
+    }
+    print(json.dumps(report, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
