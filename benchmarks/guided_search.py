@@ -17,9 +17,10 @@ a fresh LoRA (same seed) is trained on them with the same DPO steps, batch and l
 
 Prints one JSON object: per arm the pool (trees, rollouts, pairs, FLOPs, seconds, the mean task metric of the
 chosen responses over the pool and over the kept pairs, the mean metric of all rollouts), training (pairs,
-steps, loss) and the test metric with its interval; per guided arm the paired difference against
-``lam_0`` on the same test tasks; ``best_lam``, chosen by the pool's chosen-response metric (not by the
-test metric, which would select on the test set).
+steps, loss) and the test metric with its interval, and the share of its trees whose selections differ
+from λ = 0's on the same task (the same selection seeds: 0 means the guide changed nothing); per guided arm
+the paired difference against ``lam_0`` on the same test tasks; ``best_lam``, chosen by the pool's
+chosen-response metric (not by the test metric, which would select on the test set).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def main() -> None:
     ap.add_argument("--estimator", choices=["likelihood", "gradient"], default="gradient")
     ap.add_argument("--influence-lr", type=float, default=5e-5)
     ap.add_argument("--test-tasks", type=int, default=128)
-    ap.add_argument("--explore", type=int, default=2)
+    ap.add_argument("--explore", type=int, default=4, help="≥ 3: before step 2 no candidate has Î ≠ 0")
     ap.add_argument("--expand", type=int, default=2)
     ap.add_argument("--max-turns", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -151,6 +152,10 @@ def main() -> None:
     lams = args.lam or [1.0]
     if any(lam <= 0 for lam in lams):
         raise SystemExit("--lam: the guided arms need λ > 0 (λ = 0 is always run)")
+    if args.explore < 3:
+        # Step 0 selects the root; at step 1 the only pair is the root's (its children are rollout chains),
+        # and the root cannot be selected again, so every candidate has Î = 0: the trees are λ = 0's.
+        raise SystemExit("--explore must be >= 3: below it the guide has no influence to act on")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,6 +238,11 @@ def main() -> None:
             assert arm["_ids"] == arms["lam_0"]["_ids"]
             d = paired_bootstrap(arm["_values"], arms["lam_0"]["_values"])
             arm["minus_lam_0"] = {"mean": d.mean, "ci95": [d.low, d.high]}
+    plain = {t.task_id: t.selected for t in pools["lam_0"][0]}
+    for name, (trees, _, _) in pools.items():  # did the guide change any selection? (same seeds as λ = 0)
+        arms[name]["pool"]["selections_differ"] = statistics.fmean(
+            t.selected != plain[t.task_id] for t in trees
+        )
     guided = [a for a in arms if a != "lam_0"]
     best = max(guided, key=lambda a: arms[a]["pool"]["chosen_metric"])
     report = {
