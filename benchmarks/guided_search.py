@@ -49,7 +49,7 @@ from dits.stages.search import grow_pool, load_or_calibrate_t_norm, prepared_gui
 from dits.tasks.source import examples_for
 from dits.train.config import TrainConfig
 from dits.train.dpo import train_dpo
-from selection_quality import evaluate, flops
+from selection_quality import _public, evaluate, flops
 
 log = logging.getLogger("guided_search")
 
@@ -249,8 +249,8 @@ def main() -> None:
     report = {
         "benchmark": "guided_search",
         "settings": {**vars(args), "lam": lams, "t_norm": cal.t_norm, "keep": keep},
-        "untrained": {k: v for k, v in untrained.items() if not k.startswith("_")},
-        "arms": {a: {k: v for k, v in e.items() if not k.startswith("_")} for a, e in arms.items()},
+        "untrained": _public(untrained),
+        "arms": {a: _public(e) for a, e in arms.items()},
         "best_lam": best,
         "best_minus_lam_0": arms[best]["minus_lam_0"],
         "seconds": time.perf_counter() - t_start,
