@@ -9,6 +9,10 @@ greedy decoding, same number of new tokens; EOS is suppressed in all three so ev
 built-in ``facts`` test tasks, with the worked examples): they share a long prefix, which the engine computes
 and stores once (:mod:`dits.engine.shared_prefix`) while plain ``generate`` computes and caches it per row.
 The process's peak resident memory is read after (a) and after (c).
+
+``--sampled``: also the engine sampling at temperature 0.7 with top_p 1 (inverse CDF in vocabulary order)
+and with top_p 0.999999 (the nucleus path, which sorts each row's probabilities; it keeps all but a
+negligible tail, so both sample almost the same distribution), same views and token counts.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def main() -> None:
         help="run (b) on this many prompts and extrapolate tokens/s (it is the slow one)",
     )
     ap.add_argument("--protocol", action="store_true", help="real agent views sharing a long prefix")
+    ap.add_argument("--sampled", action="store_true", help="also time sampling without and with the sort")
     args = ap.parse_args()
     torch.manual_seed(0)
     engine = HFEngine("smollm2-135m", max_batch=args.batch, token_budget=1 << 20)
@@ -90,6 +95,16 @@ def main() -> None:
     a_s = time.perf_counter() - t
     a_tokens = sum(len(o[0].token_ids) for o in outs)
     rss_a = peak_rss_gb()
+    sampled: dict[str, float] = {}
+    if args.sampled:
+        for name, top_p in (("top_p_1", 1.0), ("nucleus_sorted", 0.999999)):
+            sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7, top_p=top_p, seed=1)
+            t = time.perf_counter()
+            n = sum(len(o[0].token_ids) for o in engine.generate(views, sp))
+            sampled[f"{name}_tokens_per_s"] = round(n / (time.perf_counter() - t), 1)
+        sampled["ratio_unsorted_vs_sorted"] = round(
+            sampled["top_p_1_tokens_per_s"] / sampled["nucleus_sorted_tokens_per_s"], 2
+        )
 
     gen_kw = dict(
         max_new_tokens=args.new_tokens,
@@ -137,6 +152,7 @@ def main() -> None:
                 "ratio_vs_plain_batched": round(a / c, 2),
                 "peak_rss_gb_after_engine": round(rss_a, 2),
                 "peak_rss_gb_after_batched": round(rss_c, 2),
+                **({"sampled": sampled} if sampled else {}),
                 "tokens": {
                     "engine": a_tokens,
                     "sequential": b_tokens,

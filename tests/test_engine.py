@@ -89,6 +89,36 @@ def test_tiny_top_p_is_greedy(engine):
     assert [g[0].token_ids for g in greedy] == [s[0].token_ids for s in nucleus]
 
 
+def test_sampler_draws_each_row_by_its_own_uniform_from_the_tempered_softmax():
+    """The token chosen for a row is the first whose cumulative tempered probability (vocabulary order for
+    top_p 1, descending probability within the nucleus otherwise) exceeds the row's uniform draw; checked
+    against that rule computed by hand on a 6-token vocabulary."""
+    from dits.engine.hf import HFEngine
+
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.5, 0.0, 3.0]] * 40)
+    for top_p in (1.0, 0.8):
+        sp = SamplingParams(temperature=0.7, top_p=top_p)
+        chosen = HFEngine._choose(logits, [torch.Generator().manual_seed(s) for s in range(40)], sp)
+        p = [float(x) for x in torch.softmax(logits[0].double() / 0.7, -1)]
+        order = list(range(6)) if top_p == 1.0 else sorted(range(6), key=lambda i: -p[i])
+        kept, mass = [], 0.0
+        for i in order:
+            if mass < top_p:
+                kept.append(i)
+            mass += p[i]
+        total = sum(p[i] for i in kept)
+        for s in range(40):
+            u = float(torch.rand((), generator=torch.Generator().manual_seed(s), dtype=torch.float64)) * total
+            acc, want = 0.0, kept[-1]
+            for i in kept:
+                acc += p[i]
+                if acc > u:
+                    want = i
+                    break
+            assert int(chosen[s]) == want, (top_p, s)
+        assert len({int(t) for t in chosen}) > 1  # the draws are not all one token
+
+
 def test_stop_strings_cut_the_text(engine):
     full = engine.generate([VIEWS[0]], SamplingParams(max_new_tokens=20))[0][0]
     word = full.text.split()[2]

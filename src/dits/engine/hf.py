@@ -410,12 +410,20 @@ class HFEngine(Engine):
         if sampling.greedy:
             return logits.argmax(-1).cpu()
         probs = torch.softmax(logits / sampling.temperature, dim=-1).cpu()
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        if sampling.top_p < 1.0:
-            before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
-            sorted_p = sorted_p.masked_fill(before >= sampling.top_p, 0.0)
-        cdf = sorted_p.cumsum(-1)
         u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens]).float()
+        if sampling.top_p >= 1.0:
+            # Inverse CDF over the vocabulary in id order: no sort. Sorting 64 rows of a 49k vocabulary
+            # took 2x the lm_head's time per decode step on a 2-core CPU, for a nucleus that keeps everything.
+            cdf = probs.cumsum(-1)
+            return (
+                torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1))
+                .clamp(max=cdf.shape[-1] - 1)
+                .squeeze(-1)
+            )
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+        sorted_p = sorted_p.masked_fill(before >= sampling.top_p, 0.0)
+        cdf = sorted_p.cumsum(-1)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
         return idx.gather(-1, pick).squeeze(-1)
 
