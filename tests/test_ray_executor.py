@@ -42,7 +42,7 @@ def _flops(stage: Path) -> float:
 
 
 def _run(ctx: StageContext, *, influence: bool = True) -> dict[str, Any]:
-    """Search (one task per shard, so 4 units) then influence (2 chunks); the three artifacts (scores
+    """Search (one task per shard, so 4 units) then influence (chunks of 2 pairs); the three artifacts (scores
     without their wall times) and the stages' ledger FLOPs."""
     cfg = ctx.cfg
     base = ModelRef.base(cfg)
@@ -67,7 +67,10 @@ def local(tmp_path_factory) -> dict[str, Any]:
     ctx = StageContext(cfg, tmp_path_factory.mktemp("local"), EngineHolder(cfg), progress=False)
     assert isinstance(ctx.executor, LocalExecutor)
     out = _run(ctx)
-    assert out["pairs"].count(b"\n") == 4 and len(out["scores"]) == 2  # something to compare
+    # Something to compare: at least two chunks of pairs (how many pairs the 4 trees give depends on the
+    # sampled continuations, so the count follows the pool instead of a fixed number).
+    n_pairs = out["pairs"].count(b"\n")
+    assert n_pairs >= 3 and len(out["scores"]) == -(-n_pairs // SMALL["influence"]["chunk_size"])
     # The scores are 0 here (the tiny model fails the validation task), so the check rests on the
     # diagnostics: floats of the probe's update and importance weights, different for every chunk.
     assert out["scores"][0]["diagnostics"] != out["scores"][1]["diagnostics"]
