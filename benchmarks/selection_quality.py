@@ -2,15 +2,21 @@
 
 From ONE synthesized pool (tree search on the embedded model over built-in training tasks, pairs mined
 from the trees) this trains one DPO model per selection strategy -- ``all``, ``random``, ``q`` (Optima),
-``influence``, ``mix`` (DITS) -- each a fresh LoRA from the same base model, the same number of DPO steps
-at the same batch size, learning rate and seed; only the kept pairs differ (``ratio`` of the pool, except
+``q-budget`` (Optima given DITS's compute), ``influence``, ``mix`` (DITS) -- each a fresh LoRA from the
+same base model, the same number of DPO steps at the same batch size, learning rate and seed; only the kept
+pairs differ (``ratio`` of the pool, except
 ``all``). Each model and the untrained one are evaluated greedily on the held-out test split. Influence is
 estimated once per pool (from θ = a fresh LoRA, i.e. the base model the training starts from, on the dev
-split) and shared by ``influence`` and ``mix``.
+split) and shared by ``influence`` and ``mix``. ``q-budget`` is the pipeline's rule
+(:mod:`dits.stages.budget`): extra trees on train tasks the pool does not use, as many as cost the
+influence estimate at the pool's mean FLOPs per tree, mined with the pool's ``T_norm``; it ranks the
+enlarged pool by Q and keeps as many pairs as ``mix`` keeps, so the two differ only in where the extra
+compute went.
 
 Prints one JSON object: per strategy the test metric with a 95% bootstrap interval (over test tasks, pooled
 over seeds), communication tokens per task, pairs kept, and ledger FLOPs (synthesis + influence where the
-strategy uses it + training), per seed and pooled; ``mix_minus_q`` with a paired bootstrap interval.
+strategy uses it, or the extra search for ``q-budget``, + training), per seed and pooled; ``mix_minus_q``
+and ``mix_minus_q_budget`` with paired bootstrap intervals over every (seed, test task).
 
 With several ``--seed`` values each seed grows its own pool (``--shared-pool``: one pool from the first
 seed, the seeds then vary influence chunking, random selection and training only). Everything runs in this
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -38,6 +45,8 @@ from dits.evaluate import EvalRecord, bootstrap_ci, run_method, summarize
 from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_estimator, pair_key
 from dits.ledger import LedgerCounts
 from dits.records import PreferencePair
+from dits.search.pairs import keep_count
+from dits.search.tree import Tree
 from dits.select import SelectConfig, Strategy, select_pairs
 from dits.stages.search import grow_pool
 from dits.tasks.example import Example
@@ -46,7 +55,7 @@ from dits.train.config import TrainConfig
 
 log = logging.getLogger("selection_quality")
 
-STRATEGIES: tuple[Strategy, ...] = ("all", "random", "q", "influence", "mix")
+STRATEGIES: tuple[Strategy, ...] = ("all", "random", "q", "q-budget", "influence", "mix")
 USES_INFLUENCE = frozenset({"influence", "mix"})
 PROBE = "sq_theta"
 
@@ -120,6 +129,7 @@ def synthesize_pool(
     before = engine.ledger.snapshot()
     summary = grow_pool(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=progress)
     pairs = read_jsonl(summary.pairs_path, PreferencePair)
+    trees = read_jsonl(summary.trees_path, Tree)
     info = {
         "seed": cfg.seed,
         "trees": summary.trees,
@@ -127,8 +137,34 @@ def synthesize_pool(
         "pairs": len(pairs),
         "t_norm": summary.t_norm,
         "flops": flops(engine, before),
+        "flops_per_tree": statistics.fmean(t.flops for t in trees),
+        "seconds": summary.seconds,
+        "_dir": work / "pool",
+    }
+    return pairs, info
+
+
+def budget_pool(
+    engine: HFEngine, cfg: RunConfig, pool: dict[str, Any], target_flops: float, progress: bool
+) -> tuple[list[PreferencePair], dict[str, Any]]:
+    """``q-budget``'s extra search: ``ceil(target / FLOPs per pool tree)`` trees on the train tasks after
+    the pool's (the count fixed up front, as :func:`dits.stages.budget.budget_plan` does), mined with the
+    pool's ``T_norm``; returns the extra trees' pairs."""
+    n = cfg.task.train
+    extra = math.ceil(target_flops / pool["flops_per_tree"])
+    tasks = examples_for(cfg.task, "train", limit=n + extra)[n:]
+    before = engine.ledger.snapshot()
+    out = Path(pool["_dir"]).parent / "budget"
+    summary = grow_pool(engine, tasks, cfg, out, pairs=cfg.pairs, t_norm=pool["t_norm"], progress=progress)
+    pairs = read_jsonl(summary.pairs_path, PreferencePair)
+    info = {
+        "target_flops": target_flops,
+        "trees": summary.trees,
+        "pairs": len(pairs),
+        "flops": flops(engine, before),
         "seconds": summary.seconds,
     }
+    info["flops_vs_target"] = info["flops"] / target_flops if target_flops else None
     return pairs, info
 
 
@@ -171,11 +207,12 @@ def train_and_evaluate(
     args: argparse.Namespace,
     test: list[Example],
     work: Path,
+    keep: int | None = None,
 ) -> tuple[dict[str, Any], list[PreferencePair]]:
     from dits.train.dpo import train_dpo
 
     sel = SelectConfig(strategy=strategy, ratio=args.ratio, weight=args.weight, seed=cfg.seed)
-    kept = select_pairs(pairs, scores if strategy in USES_INFLUENCE else None, sel)
+    kept = select_pairs(pairs, scores if strategy in USES_INFLUENCE else None, sel, keep=keep)
     if len(kept) < tcfg.dpo.batch_size:
         log.warning(
             "%s keeps %d pairs < batch %d: its steps see fewer pairs than the others (see training_flops)",
@@ -213,13 +250,28 @@ def _pooled(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "pairs_kept": statistics.fmean(e["pairs_kept"] for e in entries),
         "flops": {
             k: statistics.fmean(e["flops"][k] for e in entries)
-            for k in ("synthesis", "influence", "training", "total")
+            for k in ("synthesis", "influence", "budget", "training", "total")
         },
     }
 
 
 def _public(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if not k.startswith("_")}
+
+
+def _paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """``a − b`` per (seed, test task): the same test tasks in the same order under both, pooled over
+    seeds, with a bootstrap interval, and the per-seed differences of the means."""
+    diffs: list[float] = []
+    for ea, eb in zip(a, b, strict=True):
+        assert ea["_ids"] == eb["_ids"]
+        diffs += [x - y for x, y in zip(ea["_values"], eb["_values"], strict=True)]
+    ci = bootstrap_ci(diffs)
+    return {
+        "mean": ci.mean,
+        "ci95": [ci.low, ci.high],
+        "per_seed": [ea["metric"] - eb["metric"] for ea, eb in zip(a, b, strict=True)],
+    }
 
 
 def main() -> None:
@@ -274,6 +326,7 @@ def main() -> None:
     influence: list[dict[str, Any]] = []
     per_seed: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
     shared: tuple[list[PreferencePair], dict[str, Any]] | None = None
+    budget: tuple[list[PreferencePair], dict[str, Any]] | None = None
     for seed in seeds:
         cfg = run_config(args, seed)
         work = root / f"seed_{seed}"
@@ -281,6 +334,7 @@ def main() -> None:
             log.info("seed %d: synthesizing the pool (%d train tasks)", seed, cfg.task.train)
             shared = synthesize_pool(engine, cfg, work, args.progress)
             pools.append(shared[1])
+            budget = None
         pairs, pool = shared
         if not pairs:
             raise SystemExit(
@@ -299,6 +353,11 @@ def main() -> None:
         log.info("seed %d: influence of %d pairs (%s)", seed, len(pairs), icfg.estimator)
         scores, infl = estimate_influence(engine, pairs, cfg, icfg, seed)
         influence.append({"seed": seed, **infl})
+        if budget is None:  # per pool (with --shared-pool: priced by the first seed's influence)
+            log.info("seed %d: q-budget's extra search for %.3g FLOPs", seed, infl["flops"])
+            budget = budget_pool(engine, cfg, pool, infl["flops"], args.progress)
+            pool["budget"] = budget[1]
+        budget_pairs, budget_info = budget
         tcfg = TrainConfig.model_validate(
             {
                 "seed": seed,
@@ -314,14 +373,22 @@ def main() -> None:
         kept_by: dict[str, set[str]] = {}
         for strategy in STRATEGIES:
             log.info("seed %d: %s", seed, strategy)
-            entry, kept = train_and_evaluate(engine, strategy, pairs, scores, cfg, tcfg, args, test, work)
+            if strategy == "q-budget":  # the enlarged pool, keeping as many pairs as mix keeps
+                keep = keep_count(len(pairs), args.ratio)
+                entry, kept = train_and_evaluate(
+                    engine, strategy, pairs + budget_pairs, None, cfg, tcfg, args, test, work, keep=keep
+                )
+            else:
+                entry, kept = train_and_evaluate(engine, strategy, pairs, scores, cfg, tcfg, args, test, work)
             kept_by[strategy] = {pair_key(p) for p in kept}
             infl_flops = infl["flops"] if strategy in USES_INFLUENCE else 0.0
+            budget_flops = budget_info["flops"] if strategy == "q-budget" else 0.0
             entry["flops"] = {
                 "synthesis": pool["flops"],
                 "influence": infl_flops,
+                "budget": budget_flops,
                 "training": entry["training_flops"],
-                "total": pool["flops"] + infl_flops + entry["training_flops"],
+                "total": pool["flops"] + infl_flops + budget_flops + entry["training_flops"],
             }
             per_seed[strategy].append({"seed": seed, **entry})
         for strategy in STRATEGIES:
@@ -331,11 +398,6 @@ def main() -> None:
     strategies = {
         s: {**_pooled(entries), "per_seed": [_public(e) for e in entries]} for s, entries in per_seed.items()
     }
-    diffs: list[float] = []  # paired: the same test tasks, in the same order, under mix and under q
-    for em, eq in zip(per_seed["mix"], per_seed["q"], strict=True):
-        assert em["_ids"] == eq["_ids"]
-        diffs += [m - q for m, q in zip(em["_values"], eq["_values"], strict=True)]
-    paired = bootstrap_ci(diffs)
     report = {
         "benchmark": "selection_quality",
         "settings": {
@@ -347,14 +409,9 @@ def main() -> None:
         },
         "untrained": _public(untrained),
         "strategies": strategies,
-        "mix_minus_q": {
-            "mean": paired.mean,
-            "ci95": [paired.low, paired.high],
-            "per_seed": [
-                em["metric"] - eq["metric"] for em, eq in zip(per_seed["mix"], per_seed["q"], strict=True)
-            ],
-        },
-        "pools": pools,
+        "mix_minus_q": _paired(per_seed["mix"], per_seed["q"]),
+        "mix_minus_q_budget": _paired(per_seed["mix"], per_seed["q-budget"]),
+        "pools": [_public(p) for p in pools],
         "influence": influence,
         "seconds": time.perf_counter() - t_start,
     }
