@@ -4,14 +4,13 @@ From ONE synthesized pool (tree search on the embedded model over built-in train
 from the trees) this trains one DPO model per selection strategy -- ``all``, ``random``, ``q`` (Optima),
 ``q-budget`` (Optima given DITS's compute), ``influence``, ``mix`` (DITS) -- each a fresh LoRA from the
 same base model, the same number of DPO steps at the same batch size, learning rate and seed; only the kept
-pairs differ (``ratio`` of the pool, except
-``all``). Each model and the untrained one are evaluated greedily on the held-out test split. Influence is
-estimated once per pool (from θ = a fresh LoRA, i.e. the base model the training starts from, on the dev
-split) and shared by ``influence`` and ``mix``. ``q-budget`` is the pipeline's rule
-(:mod:`dits.stages.budget`): extra trees on train tasks the pool does not use, as many as cost the
-influence estimate at the pool's mean FLOPs per tree, mined with the pool's ``T_norm``; it ranks the
-enlarged pool by Q and keeps as many pairs as ``mix`` keeps, so the two differ only in where the extra
-compute went.
+pairs differ (``ratio`` of the pool, except ``all``). Each model and the untrained one are evaluated
+greedily on the held-out test split. Influence is estimated once per pool (from θ = a fresh LoRA, i.e. the
+base model the training starts from, on the dev split) and shared by ``influence`` and ``mix``.
+``q-budget`` is the pipeline's rule (:mod:`dits.stages.budget`): extra trees on train tasks the pool does
+not use, as many as cost the influence estimate at the pool's mean FLOPs per tree, mined with the pool's
+``T_norm``; it ranks the enlarged pool by Q and keeps as many pairs as ``mix`` keeps, so the two differ
+only in where the extra compute went.
 
 Prints one JSON object: per strategy the test metric with a 95% bootstrap interval (over test tasks, pooled
 over seeds), communication tokens per task, pairs kept, and ledger FLOPs (synthesis + influence where the
@@ -28,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import sys
 import tempfile
@@ -38,7 +36,7 @@ from typing import Any
 
 import torch
 
-from dits.artifacts import read_jsonl
+from dits.artifacts import TREES_FILE, read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.evaluate import EvalRecord, bootstrap_ci, run_method, summarize
@@ -46,8 +44,8 @@ from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_es
 from dits.ledger import LedgerCounts
 from dits.records import PreferencePair
 from dits.search.pairs import keep_count
-from dits.search.tree import Tree
 from dits.select import SelectConfig, Strategy, select_pairs
+from dits.stages.budget import plan_extra_trees
 from dits.stages.search import grow_pool
 from dits.tasks.example import Example
 from dits.tasks.source import examples_for
@@ -129,7 +127,6 @@ def synthesize_pool(
     before = engine.ledger.snapshot()
     summary = grow_pool(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=progress)
     pairs = read_jsonl(summary.pairs_path, PreferencePair)
-    trees = read_jsonl(summary.trees_path, Tree)
     info = {
         "seed": cfg.seed,
         "trees": summary.trees,
@@ -137,7 +134,6 @@ def synthesize_pool(
         "pairs": len(pairs),
         "t_norm": summary.t_norm,
         "flops": flops(engine, before),
-        "flops_per_tree": statistics.fmean(t.flops for t in trees),
         "seconds": summary.seconds,
         "_dir": work / "pool",
     }
@@ -147,18 +143,18 @@ def synthesize_pool(
 def budget_pool(
     engine: HFEngine, cfg: RunConfig, pool: dict[str, Any], target_flops: float, progress: bool
 ) -> tuple[list[PreferencePair], dict[str, Any]]:
-    """``q-budget``'s extra search: ``ceil(target / FLOPs per pool tree)`` trees on the train tasks after
-    the pool's (the count fixed up front, as :func:`dits.stages.budget.budget_plan` does), mined with the
-    pool's ``T_norm``; returns the extra trees' pairs."""
+    """``q-budget``'s extra search, planned by the budget stage's rule (:func:`plan_extra_trees`) on the
+    train tasks after the pool's, mined with the pool's ``T_norm``; returns the extra trees' pairs."""
     n = cfg.task.train
-    extra = math.ceil(target_flops / pool["flops_per_tree"])
-    tasks = examples_for(cfg.task, "train", limit=n + extra)[n:]
+    plan = plan_extra_trees(pool["_dir"] / TREES_FILE, target_flops)
+    tasks = examples_for(cfg.task, "train", limit=n + plan.trees)[n:]
     before = engine.ledger.snapshot()
-    out = Path(pool["_dir"]).parent / "budget"
+    out = pool["_dir"].parent / "budget"
     summary = grow_pool(engine, tasks, cfg, out, pairs=cfg.pairs, t_norm=pool["t_norm"], progress=progress)
     pairs = read_jsonl(summary.pairs_path, PreferencePair)
     info = {
         "target_flops": target_flops,
+        "flops_per_tree": plan.flops_per_tree,
         "trees": summary.trees,
         "pairs": len(pairs),
         "flops": flops(engine, before),

@@ -38,7 +38,7 @@ from dits.stages.context import ModelRef, Product, StageContext, example_ids
 from dits.stages.search import grow_pool
 from dits.tasks.source import examples_for
 
-__all__ = ["POOL_FILE", "BudgetPlan", "budget_plan", "budget_stage"]
+__all__ = ["POOL_FILE", "BudgetPlan", "budget_plan", "budget_stage", "plan_extra_trees"]
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,23 @@ class BudgetPlan(BaseModel):
     trees: int
 
 
-def budget_plan(pool: Product, influence: Product) -> BudgetPlan:
-    """The extra trees that cost the influence stage's FLOPs, priced at the pool's mean tree."""
-    trees = read_jsonl(pool.file(TREES_FILE), Tree, repair=False)
+def plan_extra_trees(trees_path: Path, target_flops: float) -> BudgetPlan:
+    """The extra trees that cost ``target_flops``, priced at the mean tree of ``trees_path``."""
+    trees = read_jsonl(trees_path, Tree, repair=False)
     per_tree = sum(t.flops for t in trees) / len(trees) if trees else 0.0
     if per_tree <= 0:
-        raise ValueError(f"the trees of {pool.path} carry no cost; cannot price extra trees")
+        raise ValueError(f"the trees of {trees_path} carry no cost; cannot price extra trees")
+    return BudgetPlan(
+        target_flops=target_flops, flops_per_tree=per_tree, trees=math.ceil(target_flops / per_tree)
+    )
+
+
+def budget_plan(pool: Product, influence: Product) -> BudgetPlan:
+    """The extra trees that cost the influence stage's FLOPs, priced at the pool's mean tree."""
     manifest = read_manifest(Path(influence.path))
     if manifest is None:
         raise ValueError(f"the influence stage at {influence.path} has not finished")
-    target = float(manifest.ledger.get("flops", 0.0))
-    return BudgetPlan(target_flops=target, flops_per_tree=per_tree, trees=math.ceil(target / per_tree))
+    return plan_extra_trees(pool.file(TREES_FILE), float(manifest.ledger.get("flops", 0.0)))
 
 
 def budget_stage(
