@@ -113,6 +113,7 @@ def grow(
         "flops": flops(engine, before),
         "guide_flops": summary.guide_flops,
         "guide_pairs_scored": summary.guide_pairs_scored,
+        "guide_moved": summary.guide_moved,
         "seconds": summary.seconds,
     }
     return trees, pairs, info

@@ -137,16 +137,22 @@ def test_hand_tree_structure() -> None:
         "n6": ("n7", "n9"),
     }
     assert [tree.nodes[n].q for n in ("n0", "n1", "n6")] == pytest.approx([0.45, 0.5, 0.4])
-    assert subtree_influence(tree, HAND_SCORES) == pytest.approx({"n0": 0.5 / 3, "n1": -0.2, "n6": 0.4})
+    # Keyed by chosen node: the root's pair (chosen A) lies under A, A's (chosen A1) under A1, Z's under Z1.
+    by_chosen = {"n1": 0.3, "n2": -0.2, "n7": 0.4}
+    assert subtree_influence(tree, by_chosen) == pytest.approx(
+        {"n0": 0.5 / 3, "n1": 0.05, "n2": -0.2, "n6": 0.4, "n7": 0.4}
+    )
 
 
 @pytest.mark.parametrize(
     ("scale", "lam", "expected"),
     [
-        # none: Î = mean of the pair scores under the node: n0 (.3 - .2 + .4) / 3, n1 -.2, n6 .4
-        ("none", 1.0, {"n0": 0.45 + 0.5 / 3, "n1": 0.5 - 0.2, "n6": 0.4 + 0.4}),
-        # tree: divided by the largest |score| (.4): n0 .41667, n1 -.5, n6 1
-        ("tree", 0.5, {"n0": 0.45 + 0.5 * (0.5 / 3) / 0.4, "n1": 0.5 - 0.25, "n6": 0.4 + 0.5}),
+        # none: Î = mean of the scores of the pairs under the node (their chosen child in its subtree):
+        # n0 all three (.3 - .2 + .4) / 3; n1 the root's (chosen n1) and its own (chosen n2), (.3 - .2) / 2;
+        # n6 its own (chosen n7) .4 (the root's pair rejected n6: no credit)
+        ("none", 1.0, {"n0": 0.45 + 0.5 / 3, "n1": 0.5 + 0.05, "n6": 0.4 + 0.4}),
+        # tree: divided by the largest |score| (.4): n0 .41667, n1 .125, n6 1
+        ("tree", 0.5, {"n0": 0.45 + 0.5 * (0.5 / 3) / 0.4, "n1": 0.5 + 0.5 * 0.125, "n6": 0.4 + 0.5}),
     ],
 )
 def test_guided_selection_equals_the_hand_computation(scale: str, lam: float, expected: dict) -> None:
@@ -172,8 +178,33 @@ def test_guided_selection_equals_the_hand_computation(scale: str, lam: float, ex
     # With top_k = 1 the choice is deterministic: Q alone picks A (n1), the guided value picks Z (n6).
     assert selection_distribution(tree, SearchConfig(top_k=1))[0] == ["n1"]
     assert selection_distribution(tree, SearchConfig(top_k=1), guide)[0] == ["n6"]
-    # Nodes with no pair under them keep their Q.
-    assert guide(tree, tree.nodes["n2"]) == tree.nodes["n2"].q
+    # A node with no pair's chosen child at or below it keeps its Q: A2, the rejected side of A's pair.
+    assert guide(tree, tree.nodes["n4"]) == tree.nodes["n4"].q
+    top = 0.4 if scale == "tree" else 1.0
+    assert guide(tree, tree.nodes["n2"]) == pytest.approx(tree.nodes["n2"].q + lam * -0.2 / top)
+
+
+def test_the_guide_steers_the_first_selection_after_the_root() -> None:
+    """After step 0 the root's children are rollout chains and the only pair is the root's: its score must
+    reach the selectable chosen child (credited to the root alone, it steered no selection), and Î must
+    equal a brute-force recount over the pairs whose chosen child lies in each node's subtree."""
+    cfg = SearchConfig(explore=1, expand=3)
+    moved = 0
+    for task in TASKS:
+        (tree,) = run_search([task], ScriptedRollouter(), cfg, seed=1)
+        pairs = candidate_pairs(tree)
+        if not pairs:
+            continue
+        guide = InfluenceGuide(GuideConfig(lam=1.0, scale="none"), FixedScores(hashed))
+        guide.refresh([tree])
+        for node in tree.nodes.values():
+            under = [hashed(p) for p in pairs if node.id in tree.path(p.chosen_id)]
+            assert guide.influence(tree, node) == pytest.approx(np.mean(under) if under else 0.0)
+        plain, _ = selection_distribution(tree, SearchConfig())
+        ids, _ = selection_distribution(tree, SearchConfig(), guide)
+        moved += guide.moved
+        assert guide.reads == len(ids) == len(plain)
+    assert moved > 0  # some selectable node's value moved off its Q
 
 
 def test_refresh_schedule_scores_each_pair_once_and_charges_its_cost() -> None:
@@ -190,7 +221,7 @@ def test_refresh_schedule_scores_each_pair_once_and_charges_its_cost() -> None:
         if guide.refreshes > before:
             refreshed_at.append(step)
             for tree in trees:  # Î now equals a recount from the tree's current pairs
-                by_node = {p.node_id: hashed(p) for p in candidate_pairs(tree)}
+                by_node = {p.chosen_id: hashed(p) for p in candidate_pairs(tree)}
                 top = max((abs(v) for v in by_node.values()), default=0.0)
                 expect = {k: v / top for k, v in subtree_influence(tree, by_node).items()} if top else {}
                 assert guide.values[tree.task_id] == pytest.approx(expect)

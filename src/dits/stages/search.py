@@ -100,6 +100,8 @@ class SearchSummary(BaseModel):
     guide_flops: float = 0.0
     """What that scoring cost, estimator preparation included (the engine ledger holds it too)."""
     guide_seconds: float = 0.0
+    guide_moved: float = 0.0
+    """Share of the node values the selection read that Î moved off Q (0: the guide steered nothing)."""
 
     def line(self) -> str:
         return (
@@ -344,6 +346,7 @@ def grow_pool(
         guide_pairs_scored=guide.pairs_scored if guide is not None else 0,
         guide_flops=guide.cost.flops if guide is not None else 0.0,
         guide_seconds=round(guide.cost.seconds, 3) if guide is not None else 0.0,
+        guide_moved=guide.moved / guide.reads if guide is not None and guide.reads else 0.0,
     )
     write_text_atomic(out / SEARCH_SUMMARY_FILE, summary.model_dump_json(indent=2))
     log.info("search: %s", summary.line())
