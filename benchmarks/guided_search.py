@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--estimator", choices=["likelihood", "gradient"], default="gradient")
     ap.add_argument("--influence-lr", type=float, default=5e-5)
     ap.add_argument("--test-tasks", type=int, default=128)
-    ap.add_argument("--explore", type=int, default=4, help="≥ 3: before step 2 Î is almost always 0")
+    ap.add_argument("--explore", type=int, default=4, help="≥ 2: step 0 always selects the root")
     ap.add_argument("--expand", type=int, default=2)
     ap.add_argument("--max-turns", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -154,11 +154,9 @@ def main() -> None:
     if any(lam <= 0 for lam in lams):
         raise SystemExit("--lam: the guided arms need λ > 0 (λ = 0 is always run)")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    if args.explore < 3:
-        # Step 0 selects the root, which is never selected again; at step 1 a candidate has Î ≠ 0 only if two
-        # rollouts merged on their first utterance (the root's children are otherwise rollout chains, with no
-        # pair under them). Measured at explore 2: all 16 trees came out byte-identical to λ = 0's.
-        log.warning("--explore %d: the guide can hardly change a selection before step 2", args.explore)
+    if args.explore < 2:
+        # Step 0 always selects the root: the guide has nothing to steer before step 1.
+        log.warning("--explore %d: the guide cannot change a selection before step 1", args.explore)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
