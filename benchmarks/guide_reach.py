@@ -4,8 +4,9 @@ The guide's value ``Q + λ·Î`` only changes a selection if some *selectable* n
 candidates after its near-selected filter) has Î ≠ 0. Which nodes get Î ≠ 0 depends only on the tree's
 shape and on where a pair's score is credited, not on the scores, so a synthetic rollouter suffices: each
 rollout ends its conversation at a length drawn in [1, ``--max-turns``] (at least one more utterance),
-with distinct utterances (no merges) and a random reward. After each step, with every candidate pair given
-a nonzero score, it counts the selectable nodes with Î ≠ 0 under two credit rules:
+with random utterances (far apart: no merges, no near-selected exclusion by likeness) and a random
+reward. After each step, with every candidate pair given a nonzero score, it counts the selectable nodes
+with Î ≠ 0 under two credit rules:
 
 - ``parent``: a pair's score credited to its parent and the parent's ancestors (dits before 2026-12-05);
 - ``chosen``: credited to its chosen child's path (the chosen node, the parent, its ancestors; dits now).
@@ -35,7 +36,8 @@ def rollouter(max_turns: int):  # type: ignore[no-untyped-def]
         for r in requests:
             rng = np.random.default_rng(r.seed)
             end = max(len(r.prefix) + 1, int(rng.integers(1, max_turns + 1)))
-            cont = [f"{'AB'[i % 2]}: {r.seed} says {i}" for i in range(len(r.prefix), end)]
+            # Random words: any two utterances are far apart, so no filter or merge acts on text likeness.
+            cont = [f"{'AB'[i % 2]}: " + rng.bytes(12).hex() for i in range(len(r.prefix), end)]
             out.append(RolloutResult(continuation=cont, reward=float(rng.random()), stop_reason="agree"))
         return out
 

@@ -11,7 +11,7 @@ Why the chosen node and not the parent: a pair sits at a node with two children,
 aside) at a node already selected, and the reference rule never selects a node twice. Credited to its parent
 and the parent's ancestors, a pair's score reached almost no selectable node: at explore 4 on the embedded
 model (4-turn conversations) the guided trees came out byte-identical to λ = 0's. The chosen child is
-usually selectable (it has grandchildren unless its conversation ends), and growing it continues the
+often selectable (it has grandchildren unless its conversation is about to end), and growing it continues the
 conversation a DPO step on that pair would make likelier. The rejected child gets no credit: growing under
 the response the pair trains away from is not what a positive score argues for.
 
