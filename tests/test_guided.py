@@ -245,6 +245,7 @@ def test_synthesize_with_a_guide_counts_its_scoring_and_keys_the_manifest(tmp_pa
     )
     assert s.guide_pairs_scored == guide.pairs_scored > 0
     assert s.guide_flops == 10.0 * guide.pairs_scored
+    assert guide.reads > 0 and s.guide_moved == guide.moved / guide.reads
 
     # A search stage grown without the guide refuses a guided rerun, naming the key.
     def stage(run_cfg):  # type: ignore[no-untyped-def]
