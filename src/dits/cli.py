@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = _sub(sub, "demo", "Optima vs DITS on the embedded model and a built-in task (~28 min on 2 CPU cores)")
+    p = _sub(sub, "demo", "Optima vs DITS on the embedded model and a built-in task (~30-55 min, 2 cores)")
     _config_args(p, path=False)
     _pipeline_args(p)
     p.add_argument("--print-config", action="store_true", help="print the demo's config and exit")
