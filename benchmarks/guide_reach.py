@@ -26,11 +26,18 @@ import statistics
 import numpy as np
 
 from dits.search.guided import candidate_pairs, subtree_influence
-from dits.search.mcts import RolloutRequest, RolloutResult, SearchConfig, reference_candidates, run_search
+from dits.search.mcts import (
+    Rollouter,
+    RolloutRequest,
+    RolloutResult,
+    SearchConfig,
+    reference_candidates,
+    run_search,
+)
 from dits.search.tree import Tree
 
 
-def rollouter(max_turns: int):  # type: ignore[no-untyped-def]
+def rollouter(max_turns: int) -> Rollouter:
     def roll(requests: list[RolloutRequest]) -> list[RolloutResult]:
         out = []
         for r in requests:
