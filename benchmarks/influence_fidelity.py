@@ -92,10 +92,44 @@ class GroundTruth:
                                     seeds=self.seeds)  # fmt: skip
         return [t.metric for t in transcripts]
 
+    def per_task(self, values: Sequence[float]) -> list[float]:
+        """Mean metric of each ground-truth task over its S samples."""
+        sums = [0.0] * (self.task[-1] + 1)
+        for v, t in zip(values, self.task, strict=True):
+            sums[t] += v
+        return [x * (len(sums) / len(values)) for x in sums]
+
     def half(self, values: Sequence[float], which: int) -> float:
         """Mean metric over the even (0) or odd (1) ground-truth tasks."""
         sel = [v for v, t in zip(values, self.task, strict=True) if t % 2 == which]
         return statistics.fmean(sel)
+
+
+def task_reliability(deltas: Sequence[Sequence[float]]) -> float | None:
+    """Reliability of the candidates' mean change over G tasks, from every task at once (Hoyt's two-way
+    ANOVA: candidates × tasks, task main effects removed, ``(MS_cand − MS_err) / MS_cand``; it equals
+    Cronbach's α, the mean of all split-half reliabilities). A single split-half Spearman at N = 24 has a
+    standard error near 0.2; this uses all G·(G−1)/2 task pairs, so it says far more steadily whether the
+    ground truth is above its noise. ``deltas[z][t]``: candidate z's change on task t. None if undefined."""
+    n, g = len(deltas), len(deltas[0]) if deltas else 0
+    if n < 2 or g < 2:
+        return None
+    grand = statistics.fmean(x for row in deltas for x in row)
+    rows = [statistics.fmean(row) for row in deltas]
+    cols = [statistics.fmean(row[t] for row in deltas) for t in range(g)]
+    ms_cand = g * sum((r - grand) ** 2 for r in rows) / (n - 1)
+    ss_err = sum((deltas[z][t] - rows[z] - cols[t] + grand) ** 2 for z in range(n) for t in range(g))
+    ms_err = ss_err / ((n - 1) * (g - 1))
+    return None if ms_cand == 0 else 1 - ms_err / ms_cand
+
+
+def tasks_for(reliability: float, g: int, target: float) -> float | None:
+    """Spearman-Brown: the ground-truth tasks at which the reliability measured on g tasks would reach
+    ``target`` (None when it holds no signal at all)."""
+    if reliability <= 0:
+        return None
+    per_task = reliability / (g - (g - 1) * reliability)
+    return target * (1 - per_task) / (per_task * (1 - target))
 
 
 def draw_chunks(pool: list[PreferencePair], args: argparse.Namespace) -> list[list[PreferencePair]]:
@@ -168,7 +202,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--estimators", default=",".join(ESTIMATORS), help="which to run (rollout always runs)")
+    ap.add_argument(
+        "--estimators",
+        default=",".join(ESTIMATORS),
+        help="which to run (rollout always runs), or none: the ground truth alone",
+    )
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
@@ -193,16 +231,22 @@ def main() -> None:
     engine.set_adapter(theta)
     with metered(engine) as gt_cost:
         base = gt.metrics()
-        truth, halves = [], []
+        truth, halves, per_task = [], [], []
         for i, chunk in enumerate(chunks):
-            with one_step(engine, theta, chunk, lr=args.lr, beta=args.beta, optimizer=args.optimizer):
+            with one_step(engine, theta, chunk, lr=args.lr, beta=args.beta, optimizer=args.optimizer) as step:
                 after = gt.metrics()
             truth.append(statistics.fmean(after) - statistics.fmean(base))
             halves.append([gt.half(after, h) - gt.half(base, h) for h in (0, 1)])
-            log.info("ground truth %d/%d: %+.4f", i + 1, len(chunks), truth[-1])
+            per_task.append([a - b for a, b in zip(gt.per_task(after), gt.per_task(base), strict=True)])
+            log.info("ground truth %d/%d: %+.4f (update norm %.3g)", i + 1, len(chunks), truth[-1],
+                     step.update_norm)  # fmt: skip
     engine.set_adapter(None)
 
     split_half = spearman([h[0] for h in halves], [h[1] for h in halves])
+    alpha = task_reliability(per_task)
+    # What the split-half would be expected at (its G/2 tasks), and the G at which it would reach 0.6.
+    half_alpha = None if alpha is None else alpha / (2 - alpha)
+    g_needed = None if alpha is None else tasks_for(alpha, len(gt_tasks), 0.6)
     report: dict[str, Any] = {
         "benchmark": "influence_fidelity",
         "settings": vars(args),
@@ -216,11 +260,17 @@ def main() -> None:
             # Spearman-Brown: the rank reliability of the whole G tasks, from that of each half.
             "reliability": None if split_half is None else max(0.0, 2 * split_half / (1 + split_half)),
             "has_signal": split_half is not None and split_half >= 0.6,
+            "task_reliability": alpha,
+            "expected_split_half": half_alpha,
+            "gt_tasks_for_split_half_0.6": None if g_needed is None else 2 * g_needed,
             "flops": gt_cost.flops,
             "seconds": gt_cost.seconds,
         },
     }
-    kinds = [k for k in ESTIMATORS if k == "rollout" or k in args.estimators.split(",")]
+    # "none": the ground truth alone (sizing its step and tasks); otherwise rollout always runs (the
+    # cost ratios are against it).
+    wanted = args.estimators.split(",")
+    kinds = [] if wanted == ["none"] else [k for k in ESTIMATORS if k == "rollout" or k in wanted]
     for kind in kinds:
         icfg = InfluenceConfig(
             estimator=kind,  # type: ignore[arg-type]
@@ -248,7 +298,7 @@ def main() -> None:
     def per_candidate(kind: str) -> float:  # the cost of one more candidate: preparation left out
         return (report[kind]["flops"] - report[kind]["prepare_flops"]) / len(chunks)
 
-    for kind in kinds[1:]:
+    for kind in kinds[1:]:  # kinds[0] is rollout
         report[kind]["cost_ratio_vs_rollout"] = {
             "flops": report[kind]["flops"] / report["rollout"]["flops"],
             "seconds": report[kind]["seconds"] / report["rollout"]["seconds"],
