@@ -381,8 +381,13 @@ def test_shared_prompt_keeps_the_gradient_of_separate_rows(engine, noisy_adapter
             p.requires_grad_(flags[n])
     assert cached == _shared_prompt_tokens(engine, pair.prompt) and cached_alone == 0
     assert any(float(g.abs().max()) > 0 for g in shared.values())
+    # Float32 sums in another order (one batch of two rows against two batches of one; the CPU's kernels
+    # pick their blocking by shape) differ by ~1e-5 of a tensor's norm, so elements near zero are compared
+    # against the tensor's norm, not their own magnitude. A prompt whose KV left the graph loses the
+    # prompt's whole contribution: an error of the order of the gradient itself.
     for name in shared:
-        assert torch.allclose(shared[name], alone[name], rtol=1e-3, atol=1e-6), name
+        err = float((shared[name] - alone[name]).norm())
+        assert err <= 1e-3 * float(alone[name].norm()) + 1e-12, name  # measured: at most 3e-5 of the norm
 
 
 # --------------------------------------------------------------------------------------------- one step
