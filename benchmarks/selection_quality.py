@@ -31,12 +31,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dits.artifacts import TREES_FILE, read_jsonl
+from dits.artifacts import PAIRS_FILE, TREES_FILE, read_jsonl, write_json_atomic
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.evaluate import EvalRecord, bootstrap_ci, run_method, summarize
@@ -120,48 +121,43 @@ def evaluate(engine: HFEngine, test: list[Example], cfg: RunConfig, adapter: str
     }
 
 
-def synthesize_pool(
-    engine: HFEngine, cfg: RunConfig, work: Path, progress: bool
-) -> tuple[list[PreferencePair], dict[str, Any]]:
+def synthesize_pool(engine: HFEngine, cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
+    """Grow the pool into ``out`` (its pairs are ``out/pairs.jsonl``); returns its figures."""
     train = examples_for(cfg.task, "train")
     before = engine.ledger.snapshot()
-    summary = grow_pool(engine, train, cfg, work / "pool", pairs=cfg.pairs, progress=progress)
-    pairs = read_jsonl(summary.pairs_path, PreferencePair)
-    info = {
+    summary = grow_pool(engine, train, cfg, out, pairs=cfg.pairs, progress=progress)
+    return {
         "seed": cfg.seed,
         "trees": summary.trees,
         "rollouts": summary.rollouts,
-        "pairs": len(pairs),
+        "pairs": summary.pairs,
         "t_norm": summary.t_norm,
         "flops": flops(engine, before),
         "seconds": summary.seconds,
-        "_dir": work / "pool",
     }
-    return pairs, info
 
 
 def budget_pool(
-    engine: HFEngine, cfg: RunConfig, pool: dict[str, Any], target_flops: float, progress: bool
-) -> tuple[list[PreferencePair], dict[str, Any]]:
-    """``q-budget``'s extra search, planned by the budget stage's rule (:func:`plan_extra_trees`) on the
-    train tasks after the pool's, mined with the pool's ``T_norm``; returns the extra trees' pairs."""
+    engine: HFEngine, cfg: RunConfig, pool_dir: Path, t_norm: float, target_flops: float, progress: bool
+) -> dict[str, Any]:
+    """``q-budget``'s extra search into ``pool_dir/../budget``, planned by the budget stage's rule
+    (:func:`plan_extra_trees`) on the train tasks after the pool's, mined with the pool's ``T_norm``."""
     n = cfg.task.train
-    plan = plan_extra_trees(pool["_dir"] / TREES_FILE, target_flops)
+    plan = plan_extra_trees(pool_dir / TREES_FILE, target_flops)
     tasks = examples_for(cfg.task, "train", limit=n + plan.trees)[n:]
     before = engine.ledger.snapshot()
-    out = pool["_dir"].parent / "budget"
-    summary = grow_pool(engine, tasks, cfg, out, pairs=cfg.pairs, t_norm=pool["t_norm"], progress=progress)
-    pairs = read_jsonl(summary.pairs_path, PreferencePair)
+    out = pool_dir.parent / "budget"
+    summary = grow_pool(engine, tasks, cfg, out, pairs=cfg.pairs, t_norm=t_norm, progress=progress)
     info = {
         "target_flops": target_flops,
         "flops_per_tree": plan.flops_per_tree,
         "trees": summary.trees,
-        "pairs": len(pairs),
+        "pairs": summary.pairs,
         "flops": flops(engine, before),
         "seconds": summary.seconds,
     }
     info["flops_vs_target"] = info["flops"] / target_flops if target_flops else None
-    return pairs, info
+    return info
 
 
 def estimate_influence(
@@ -235,6 +231,37 @@ def train_and_evaluate(
     return ev, kept
 
 
+def influence_record(
+    engine: HFEngine, pairs: list[PreferencePair], cfg: RunConfig, icfg: InfluenceConfig, seed: int
+) -> dict[str, Any]:
+    """:func:`estimate_influence` as JSON (its figures and the scores), for a checkpoint."""
+    scores, info = estimate_influence(engine, pairs, cfg, icfg, seed)
+    return {"info": info, "scores": [s.model_dump() for s in scores]}
+
+
+def train_strategy(
+    engine: HFEngine,
+    strategy: Strategy,
+    pairs: list[PreferencePair],
+    budget_pairs: list[PreferencePair],
+    scores: list[InfluenceScore],
+    cfg: RunConfig,
+    tcfg: TrainConfig,
+    args: argparse.Namespace,
+    test: list[Example],
+    work: Path,
+) -> dict[str, Any]:
+    """One strategy's model trained and evaluated, with the keys of the pairs it kept (``_kept``)."""
+    if strategy == "q-budget":  # the enlarged pool, keeping as many pairs as mix keeps
+        keep = keep_count(len(pairs), args.ratio)
+        entry, kept = train_and_evaluate(
+            engine, strategy, pairs + budget_pairs, None, cfg, tcfg, args, test, work, keep=keep
+        )
+    else:
+        entry, kept = train_and_evaluate(engine, strategy, pairs, scores, cfg, tcfg, args, test, work)
+    return {**entry, "_kept": sorted(pair_key(p) for p in kept)}
+
+
 def _pooled(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Across seeds: the metric and its bootstrap interval over every (seed, test task), means of the rest."""
     values = [v for e in entries for v in e["_values"]]
@@ -253,6 +280,46 @@ def _pooled(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _public(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if not k.startswith("_")}
+
+
+# Arguments that do not change any result: a checkpoint written under other values of these is reused.
+_NOT_RESULTS = frozenset({"seed", "threads", "work_dir", "progress"})
+
+
+class Checkpoints:
+    """Finished parts of a run (the untrained evaluation; per seed the pool's, influence's and the extra
+    search's figures, the influence scores; per seed and strategy the trained model's evaluation) as JSON
+    files in ``--work-dir``: a run of hours cut off, or rerun with more ``--seed`` values, redoes only what
+    is missing (pools resume tree by tree on their own). Without ``--work-dir`` nothing is kept. A work
+    dir written under other result-changing arguments is refused, naming them."""
+
+    def __init__(self, root: Path, args: argparse.Namespace, keep: bool) -> None:
+        self.root, self.keep = root, keep
+        if not keep:
+            return
+        settings = {k: v for k, v in vars(args).items() if k not in _NOT_RESULTS}
+        path = root / "settings.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            changed = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
+            if changed:
+                raise SystemExit(
+                    f"{root} holds a run with other settings ({', '.join(changed)}); use another --work-dir"
+                )
+        else:
+            write_json_atomic(path, settings)
+
+    def get(self, name: str, compute: Callable[..., Any], *args: Any) -> Any:
+        """The JSON stored under ``name``, or ``compute(*args)``, stored when ``--work-dir`` is kept."""
+        path = self.root / "checkpoints" / f"{name}.json"
+        if self.keep and path.exists():
+            log.info("checkpoint %s: done before, reused", name)
+            return json.loads(path.read_text())
+        result = compute(*args)
+        if self.keep:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, result)
+        return result
 
 
 def _paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
@@ -313,25 +380,29 @@ def main() -> None:
     tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="dits-selq-")
     root = Path(args.work_dir or tmp.name)  # type: ignore[union-attr]
 
+    ckpt = Checkpoints(root, args, keep=args.work_dir is not None)
+
     base_cfg = run_config(args, seeds[0])
     test = examples_for(base_cfg.task, "test")
     log.info("evaluating the untrained model on %d test tasks", len(test))
-    untrained = evaluate(engine, test, base_cfg, None)
+    untrained = ckpt.get("untrained", evaluate, engine, test, base_cfg, None)
 
     pools: list[dict[str, Any]] = []
     influence: list[dict[str, Any]] = []
     per_seed: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
-    shared: tuple[list[PreferencePair], dict[str, Any]] | None = None
-    budget: tuple[list[PreferencePair], dict[str, Any]] | None = None
+    pool: dict[str, Any] | None = None
+    pool_dir = root
+    budget: dict[str, Any] | None = None
     for seed in seeds:
         cfg = run_config(args, seed)
         work = root / f"seed_{seed}"
-        if shared is None or not args.shared_pool:
+        if pool is None or not args.shared_pool:
             log.info("seed %d: synthesizing the pool (%d train tasks)", seed, cfg.task.train)
-            shared = synthesize_pool(engine, cfg, work, args.progress)
-            pools.append(shared[1])
+            pool_dir = work / "pool"
+            pool = ckpt.get(f"seed_{seed}/pool", synthesize_pool, engine, cfg, pool_dir, args.progress)
+            pools.append(pool)
             budget = None
-        pairs, pool = shared
+        pairs = read_jsonl(pool_dir / PAIRS_FILE, PreferencePair)
         if not pairs:
             raise SystemExit(
                 f"seed {seed}: the pool has no pairs (Q(best) > tau and gap > min_gap never held); "
@@ -347,13 +418,18 @@ def main() -> None:
             seed=seed,
         )
         log.info("seed %d: influence of %d pairs (%s)", seed, len(pairs), icfg.estimator)
-        scores, infl = estimate_influence(engine, pairs, cfg, icfg, seed)
+        scored = ckpt.get(f"seed_{seed}/influence", influence_record, engine, pairs, cfg, icfg, seed)
+        scores = [InfluenceScore.model_validate(s) for s in scored["scores"]]
+        infl = scored["info"]
         influence.append({"seed": seed, **infl})
         if budget is None:  # per pool (with --shared-pool: priced by the first seed's influence)
             log.info("seed %d: q-budget's extra search for %.3g FLOPs", seed, infl["flops"])
-            budget = budget_pool(engine, cfg, pool, infl["flops"], args.progress)
-            pool["budget"] = budget[1]
-        budget_pairs, budget_info = budget
+            budget = ckpt.get(
+                f"seed_{seed}/budget", budget_pool, engine, cfg, pool_dir, pool["t_norm"], infl["flops"],
+                args.progress,
+            )  # fmt: skip
+            pool["budget"] = budget
+        budget_pairs = read_jsonl(pool_dir.parent / "budget" / PAIRS_FILE, PreferencePair)
         tcfg = TrainConfig.model_validate(
             {
                 "seed": seed,
@@ -369,16 +445,13 @@ def main() -> None:
         kept_by: dict[str, set[str]] = {}
         for strategy in STRATEGIES:
             log.info("seed %d: %s", seed, strategy)
-            if strategy == "q-budget":  # the enlarged pool, keeping as many pairs as mix keeps
-                keep = keep_count(len(pairs), args.ratio)
-                entry, kept = train_and_evaluate(
-                    engine, strategy, pairs + budget_pairs, None, cfg, tcfg, args, test, work, keep=keep
-                )
-            else:
-                entry, kept = train_and_evaluate(engine, strategy, pairs, scores, cfg, tcfg, args, test, work)
-            kept_by[strategy] = {pair_key(p) for p in kept}
+            entry = ckpt.get(
+                f"seed_{seed}/train_{strategy}", train_strategy,
+                engine, strategy, pairs, budget_pairs, scores, cfg, tcfg, args, test, work,
+            )  # fmt: skip
+            kept_by[strategy] = set(entry.pop("_kept"))
             infl_flops = infl["flops"] if strategy in USES_INFLUENCE else 0.0
-            budget_flops = budget_info["flops"] if strategy == "q-budget" else 0.0
+            budget_flops = budget["flops"] if strategy == "q-budget" else 0.0
             entry["flops"] = {
                 "synthesis": pool["flops"],
                 "influence": infl_flops,
