@@ -134,6 +134,7 @@ def synthesize_pool(engine: HFEngine, cfg: RunConfig, out: Path, progress: bool)
         "t_norm": summary.t_norm,
         "flops": flops(engine, before),
         "seconds": summary.seconds,
+        "resumed": summary.trees_new < summary.trees,  # then flops and seconds are this process's part
     }
 
 
@@ -155,6 +156,7 @@ def budget_pool(
         "pairs": summary.pairs,
         "flops": flops(engine, before),
         "seconds": summary.seconds,
+        "resumed": summary.trees_new < summary.trees,
     }
     info["flops_vs_target"] = info["flops"] / target_flops if target_flops else None
     return info
