@@ -28,7 +28,7 @@ from scipy import stats
 from dits.artifacts import read_jsonl
 from dits.engine import engine_from_config
 from dits.mas.dialogue import Transcript, Turn, speaks_for_both
-from dits.mas.protocol import render_view, speaker_of, turn_prefix
+from dits.mas.protocol import continuation, render_view, speaker_of, turn_prefix
 from dits.pipeline import demo_config
 from dits.reward import utterance_nlls, weights_for
 from dits.search.tree import Tree
@@ -42,13 +42,12 @@ def in_context_nlls(engine, examples, transcripts, protocol) -> list[list[float]
     """The old rule: every utterance scored after its speaker's view (what ``utterance_nlls`` did)."""
     out = [[math.nan] * len(tr.turns) for tr in transcripts]
     for speaker in (0, 1):
-        items = [(i, k, render_view(ex, tr.texts[:k], t.speaker, protocol), t.text)
+        prefix = turn_prefix(speaker, protocol)
+        items = [(i, k, render_view(ex, tr.texts[:k], t.speaker, protocol), continuation(prefix, t.text))
                  for i, (ex, tr) in enumerate(zip(examples, transcripts, strict=True))
                  for k, t in enumerate(tr.turns) if t.speaker == speaker]  # fmt: skip
         if items:
-            scored = engine.score(
-                [x[2] for x in items], [x[3] for x in items], turn_prefix(speaker, protocol)
-            )
+            scored = engine.score([x[2] for x in items], [x[3] for x in items], prefix)
             for (i, k, *_), sc in zip(items, scored, strict=True):
                 if sc.logprobs:
                     out[i][k] = -float(np.mean(sc.logprobs))

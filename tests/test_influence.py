@@ -19,7 +19,7 @@ import torch
 
 from dits.influence import InfluenceConfig, InfluenceEstimator, make_estimator
 from dits.mas.dialogue import Transcript
-from dits.mas.protocol import ProtocolConfig, render_view, turn_prefix
+from dits.mas.protocol import ProtocolConfig, prefixed, render_view, turn_prefix
 from dits.records import PreferencePair
 from dits.tasks.builtin import make_builtin
 from dits.tasks.example import Example
@@ -173,8 +173,12 @@ def _manual_logp(engine, example: Example, transcript: Transcript, temperature: 
         for k, turn in enumerate(transcript.turns):
             view = render_view(example, texts[:k], turn.speaker, PROTOCOL)
             head = tok.apply_chat_template(view, add_generation_prompt=True, tokenize=False)
-            prompt = tok(head + turn_prefix(turn.speaker, PROTOCOL), add_special_tokens=False)["input_ids"]
-            comp = tok(turn.text, add_special_tokens=False)["input_ids"]
+            prefix = turn_prefix(turn.speaker, PROTOCOL)
+            prompt = tok(head + prefix, add_special_tokens=False)["input_ids"]
+            # The turn as the protocol renders it, tokenised whole: its tokens after the prompt's.
+            full = tok(head + prefixed(prefix, turn.text), add_special_tokens=False)["input_ids"]
+            assert full[: len(prompt)] == prompt
+            comp = full[len(prompt) :]
             if not comp:
                 continue
             ids = torch.tensor([prompt + comp], device=engine.device)
@@ -299,3 +303,26 @@ def test_gradient_candidate_is_charged_like_the_step_it_stands_for(engine, adapt
     grad = engine.ledger.snapshot() - before
     assert step.trained_tokens > 0 and step.scored_tokens == step.prompt_tokens == 0
     assert grad == step
+
+
+def test_the_scored_turns_are_the_tokens_the_model_wrote(engine):
+    """With a forced turn prefix ("Alice:") the model writes " the ...", stored stripped. The estimators
+    must score those tokens: scoring the stripped text scores "the" (another token) after "Alice:", and the
+    importance weights and validation gradient are then about conversations the model did not produce."""
+    from dits.engine import SamplingParams
+    from dits.influence.likelihood import conversation_turns
+    from dits.mas.dialogue import run_dialogues
+
+    proto = ProtocolConfig(max_turns=2, max_new_tokens=8, worked_example=False, turn_prefix=True)
+    examples = make_builtin("facts", "dev", 2, seed=1)
+    checked = 0
+    for ex, tr in zip(examples, run_dialogues(engine, examples, proto), strict=True):
+        for k, (view, completion, prefix) in enumerate(conversation_turns(ex, tr, proto)):
+            assert prefix == turn_prefix(tr.turns[k].speaker, proto) != ""
+            greedy = SamplingParams(temperature=0.0, max_new_tokens=8, prefix=prefix)
+            [[written]] = engine.generate([view], greedy)
+            assert written.text.strip() == tr.turns[k].text  # the same turn, regenerated
+            [scored] = engine.score([view], [completion], prefix)
+            assert scored.token_ids == written.token_ids
+            checked += 1
+    assert checked == 4

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from dits.mas.dialogue import Transcript, Turn
-from dits.mas.protocol import ProtocolConfig
+from dits.mas.protocol import ProtocolConfig, prefixed
 from dits.reward import RewardConfig, compute_reward, t_norm_from, utterance_nlls
 from tests.fakes import ScriptedEngine
 from tests.test_protocol import ARITH, FACTS
@@ -86,7 +86,10 @@ def _manual_nll(engine, text: str, prefix: str = "") -> float:
 
     tok = engine.tokenizer
     head = tok("<|im_start|>assistant\n" + prefix, add_special_tokens=False)["input_ids"]
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    # The utterance as the model wrote it after the prefix ("Alice: text"), tokenised whole.
+    full = tok("<|im_start|>assistant\n" + prefixed(prefix, text), add_special_tokens=False)["input_ids"]
+    assert full[: len(head)] == head
+    ids = full[len(head) :]
     engine.set_adapter(None)
     with torch.no_grad(), engine.adapter_scope():
         logits = engine.model(input_ids=torch.tensor([head + ids])).logits[0].float()

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dits.engine.base import Engine
 from dits.mas.dialogue import Transcript, speaks_for_both
-from dits.mas.protocol import ProtocolConfig, turn_prefix
+from dits.mas.protocol import ProtocolConfig, continuation, turn_prefix
 from dits.tasks.example import Example
 from dits.tasks.loaders import method_defaults
 
@@ -94,7 +94,8 @@ def utterance_nlls(
                      if t.speaker == speaker]  # fmt: skip
             if not group:
                 continue
-            scored = engine.score_alone([g[2] for g in group], turn_prefix(speaker, cfg))
+            prefix = turn_prefix(speaker, cfg)
+            scored = engine.score_alone([continuation(prefix, g[2]) for g in group], prefix)
             for (i, k, _), sc in zip(group, scored, strict=True):
                 if sc.logprobs:
                     out[i][k] = -float(np.mean(sc.logprobs))

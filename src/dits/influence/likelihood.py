@@ -19,7 +19,7 @@ import torch
 from dits.engine.base import View
 from dits.influence.base import InfluenceEstimator, active_adapter
 from dits.mas.dialogue import Transcript, run_dialogues
-from dits.mas.protocol import ProtocolConfig, render_view, turn_prefix
+from dits.mas.protocol import ProtocolConfig, continuation, render_view, turn_prefix
 from dits.records import PreferencePair
 from dits.seeding import derive_seed
 from dits.tasks.example import Example
@@ -42,12 +42,15 @@ class CachedConversation:
 def conversation_turns(
     example: Example, transcript: Transcript, cfg: ProtocolConfig
 ) -> list[tuple[View, str, str]]:
-    """(view, utterance, forced prefix) of each turn: what its speaker saw, said, was made to open with."""
+    """(view, completion, forced prefix) of each turn: what its speaker saw, was made to open with, and then
+    wrote (:func:`~dits.mas.protocol.continuation`: the tokens the model emitted, not the stripped text)."""
     texts = transcript.texts
-    return [
-        (render_view(example, texts[:k], turn.speaker, cfg), turn.text, turn_prefix(turn.speaker, cfg))
-        for k, turn in enumerate(transcript.turns)
-    ]
+    out = []
+    for k, turn in enumerate(transcript.turns):
+        prefix = turn_prefix(turn.speaker, cfg)
+        view = render_view(example, texts[:k], turn.speaker, cfg)
+        out.append((view, continuation(prefix, turn.text), prefix))
+    return out
 
 
 def weighted_metric(

@@ -175,3 +175,10 @@ def prefixed(prefix: str, text: str) -> str:
 
 def own_turn_content(text: str, speaker: int, cfg: ProtocolConfig) -> str:
     return prefixed(turn_prefix(speaker, cfg), text)
+
+
+def continuation(prefix: str, text: str) -> str:
+    """What the model wrote after the forced ``prefix``: the text to score as the completion of a view
+    encoded with that prefix. With a prefix it is " text", not the stored (stripped) text: scoring "Alice:"
+    + "the" instead of "Alice:" + " the" scores a token the model did not emit."""
+    return prefixed(prefix, text)[len(prefix) :]
