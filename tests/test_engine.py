@@ -232,3 +232,70 @@ def test_shared_prefix_attention_equals_attention_over_the_concatenated_kv():
                     visible = [True] * p + [bool(attn[b, j]) and j <= qpos for j in range(s)]
                     w = torch.softmax((keys @ q[b, h, i] * 0.3).masked_fill(~torch.tensor(visible), -1e9), 0)
                     assert torch.allclose(got[b, i, h], w @ values, atol=1e-5)
+
+
+def test_chain_turns_joins_a_turn_only_to_the_row_its_prompt_extends():
+    from dits.engine.prompts import chain_turns
+
+    pairs = [
+        ([1, 2, 3], [4, 5]),  # row 1
+        ([1, 2, 3, 4, 5, 6, 7], [8]),  # extends row 1: [1..5] is its start
+        ([1, 2, 3, 4, 9, 6, 7, 8, 10], [11, 12]),  # 9 != 5: the template re-rendered a turn, new row
+        ([1, 2, 3, 4, 9, 6, 7, 8, 10, 11, 12, 13], []),  # extends row 2, with an empty completion
+    ]
+    assert chain_turns(pairs) == [
+        ([1, 2, 3, 4, 5, 6, 7, 8], [(3, 2), (7, 1)]),
+        ([1, 2, 3, 4, 9, 6, 7, 8, 10, 11, 12, 13], [(9, 2), (12, 0)]),
+    ]
+
+
+def test_score_turns_equals_scoring_each_turn_on_its_view(engine):
+    """Each speaker's turns of 5-turn conversations (with and without the forced prefix) scored in one
+    forward per speaker: the same tokens and log-probs as each turn scored on its own view, for fewer tokens
+    (the chain holds for this chat template, so every dialogue is one row)."""
+    from dits.engine.prompts import chain_turns
+    from dits.influence.likelihood import speaker_dialogues
+    from dits.mas.dialogue import Transcript, Turn
+    from dits.mas.protocol import ProtocolConfig
+    from dits.tasks.builtin import make_builtin
+
+    texts = [
+        ["Where does Zorvath live?", "My notes say Melbrook.", "Then <A>Melbrook</A>.", "Agreed.", "Done."],
+        ["What is the capital?", "I think it is Varn, a city.", "<A>Varn</A>", "Yes <A>Varn</A>", "ok"],
+    ]
+    examples = make_builtin("facts", "dev", 2, seed=3)
+    transcripts = [
+        Transcript(
+            example_id=ex.id,
+            turns=[Turn(speaker=k % 2, text=t, tokens=len(t.split())) for k, t in enumerate(tx)],
+            stop_reason="agreed",
+            answer=None,
+            metric=0.0,
+        )
+        for ex, tx in zip(examples, texts, strict=True)
+    ]
+    for turn_prefix in (False, True):
+        proto = ProtocolConfig(max_turns=5, worked_example=False, turn_prefix=turn_prefix)
+        dialogues = [
+            d for ex, tr in zip(examples, transcripts, strict=True) for d in speaker_dialogues(ex, tr, proto)
+        ]
+        assert sorted(len(d.turns) for d in dialogues) == [2, 2, 3, 3]
+        for prefix in {d.prefix for d in dialogues}:
+            group = [d.turns for d in dialogues if d.prefix == prefix]
+            for turns in group:
+                pairs = engine.prompts.pairs([v for v, _ in turns], [c for _, c in turns], prefix)
+                assert len(chain_turns(pairs)) == 1
+            before = engine.ledger.snapshot()
+            with torch.inference_mode(), engine.adapter_scope():
+                joined = engine.score_turns(group, prefix)
+            mid = engine.ledger.snapshot()
+            each = [engine.score([v for v, _ in turns], [c for _, c in turns], prefix) for turns in group]
+            after = engine.ledger.snapshot()
+            for a, b in zip(joined, each, strict=True):
+                assert len(a) == len(b)
+                for x, y in zip(a, b, strict=True):
+                    assert x.token_ids == y.token_ids and x.token_ids
+                    assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4)
+            one, many = mid - before, after - mid
+            assert one.scored_tokens == many.scored_tokens
+            assert one.prompt_tokens < 0.7 * many.prompt_tokens

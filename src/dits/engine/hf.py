@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dits.engine.base import Completion, Engine, SamplingParams, ScoredCompletion, View
-from dits.engine.prompts import PromptEncoder
+from dits.engine.prompts import PromptEncoder, Span, chain_turns
 from dits.engine.shared_prefix import SharedPrefix, prefix_attention, suffix_mask
 from dits.ledger import Ledger
 from dits.models import load_model_and_tokenizer
@@ -456,62 +456,104 @@ class HFEngine(Engine):
         with torch.inference_mode(), self.adapter_scope():
             return self._score_token_pairs(self.prompts.alone_pairs(texts, prefix), keep_graph=False)
 
+    def score_turns(
+        self,
+        dialogues: Sequence[Sequence[tuple[View, str]]],
+        prefix: str = "",
+        *,
+        keep_graph: bool = False,
+        temperature: float = 1.0,
+    ) -> list[list[ScoredCompletion]]:
+        """Per-token log-probs of each turn of each dialogue: one speaker's successive (view, completion)
+        turns, each view holding the earlier ones. The same numbers as :meth:`score_tensors` on every turn,
+        computed in one forward per dialogue where the template allows
+        (:func:`~dits.engine.prompts.chain_turns`). Grad mode and adapters are the caller's."""
+        rows: list[tuple[list[int], list[Span]]] = []
+        for turns in dialogues:
+            pairs = self.prompts.pairs([v for v, _ in turns], [c for _, c in turns], prefix)
+            rows += chain_turns(pairs)
+        flat = [sc for row in self._score_rows(rows, keep_graph, temperature) for sc in row]
+        out, k = [], 0
+        for turns in dialogues:
+            out.append(flat[k : k + len(turns)])
+            k += len(turns)
+        return out
+
     def _score_token_pairs(
         self, pairs: list[tuple[list[int], list[int]]], keep_graph: bool, temperature: float = 1.0
     ) -> list[ScoredCompletion]:
-        """(prompt ids, completion ids) scored in micro-batches bounded by ``score_token_budget``."""
-        rows = sorted(
-            range(len(pairs)),
-            key=lambda i: (pairs[i][0][:_GROUP_KEY_TOKENS], len(pairs[i][0]) + len(pairs[i][1])),
-        )
-        out: list[ScoredCompletion | None] = [None] * len(pairs)
+        rows = [(p + c, [(len(p), len(c))]) for p, c in pairs]
+        return [row[0] for row in self._score_rows(rows, keep_graph, temperature)]
+
+    def _score_rows(
+        self, rows: list[tuple[list[int], list[Span]]], keep_graph: bool, temperature: float = 1.0
+    ) -> list[list[ScoredCompletion]]:
+        """Rows of token ids with the spans to score, in micro-batches bounded by ``score_token_budget``
+        (row width × rows) and by half of it in logits positions (scored tail × rows)."""
+
+        def tail(i: int) -> int:  # positions from the row's first scored token to its end
+            ids, spans = rows[i]
+            return len(ids) - min(s for s, _ in spans)
+
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][0][:_GROUP_KEY_TOKENS], len(rows[i][0])))
+        out: list[list[ScoredCompletion] | None] = [None] * len(rows)
         batch: list[int] = []
 
         def flush() -> None:
-            scored = self._score_batch([pairs[i] for i in batch], keep_graph, temperature)
+            scored = self._score_batch([rows[i] for i in batch], keep_graph, temperature)
             for i, sc in zip(batch, scored, strict=True):
                 out[i] = sc
             batch.clear()
 
-        width = 0
-        for i in rows:
-            wider = max(width, len(pairs[i][0]) + len(pairs[i][1]))
-            if batch and ((len(batch) + 1) * wider > self.score_token_budget or len(batch) >= self.max_batch):
+        width = keep = 0
+        for i in order:
+            wider, longer = max(width, len(rows[i][0])), max(keep, tail(i) + 1)
+            too_big = (len(batch) + 1) * wider > self.score_token_budget or (
+                len(batch) + 1
+            ) * longer > self.score_token_budget // 2
+            if batch and (too_big or len(batch) >= self.max_batch):
                 flush()
-                wider = len(pairs[i][0]) + len(pairs[i][1])
+                wider, longer = len(rows[i][0]), tail(i) + 1
             batch.append(i)
-            width = wider
+            width, keep = wider, longer
         if batch:
             flush()
         return [o for o in out if o is not None]
 
     def _score_batch(
-        self, pairs: list[tuple[list[int], list[int]]], keep_graph: bool, temperature: float = 1.0
-    ) -> list[ScoredCompletion]:
-        """Left-padded so every completion ends at the last position: only the last ``max_c + 1`` positions'
-        logits are materialised (vocab-sized logits for whole prompts would dominate memory)."""
-        max_c = max(len(c) for _, c in pairs)
-        if max_c == 0:
-            return [ScoredCompletion([], []) for _ in pairs]
+        self, rows: list[tuple[list[int], list[Span]]], keep_graph: bool, temperature: float = 1.0
+    ) -> list[list[ScoredCompletion]]:
+        """Left-padded so every row ends at the last position: only the logits from the earliest scored
+        token on are materialised (vocab-sized logits for whole prompts would dominate memory)."""
+        tails = [len(ids) - min(s for s, _ in spans) for ids, spans in rows]
+        max_t = max(tails)
+        if max_t == 0:
+            return [[ScoredCompletion([], []) for _ in spans] for _, spans in rows]
         # Shared-prefix reuse as in generation, also when a graph is kept: the prefix's KV is then part of
         # the graph and every row's gradient flows back into it (a DPO pair's chosen and rejected turns share
         # their whole prompt, most of the pair's tokens, so its forward and backward cost about half).
-        shared = self._shared_prefix([p for p, _ in pairs])
-        prefix = self._prefix_kv(pairs[0][0][:shared])
-        ids, attn = self._left_pad([(p + c)[shared:] for p, c in pairs], self.pad_id)
+        shared = self._shared_prefix([ids[: len(ids) - t] for (ids, _), t in zip(rows, tails, strict=True)])
+        prefix = self._prefix_kv(rows[0][0][:shared])
+        ids, attn = self._left_pad([r[shared:] for r, _ in rows], self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = shared + (attn.cumsum(-1) - 1).clamp(min=0)
-        results: list[ScoredCompletion] = []
-        logits = self._forward(ids, attn, pos, None, prefix, logits_to_keep=max_c + 1)
-        logp = torch.log_softmax(logits[:, :-1, :].float() / temperature, dim=-1)  # the last max_c tokens
-        targets = ids[:, ids.shape[1] - max_c :]
+        logits = self._forward(ids, attn, pos, None, prefix, logits_to_keep=max_t + 1)
+        logp = torch.log_softmax(logits[:, :-1, :].float() / temperature, dim=-1)  # the last max_t tokens
+        targets = ids[:, ids.shape[1] - max_t :]
         tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        n_scored = sum(n for _, spans in rows for _, n in spans)
         self.ledger.charge(
-            prompt_tokens=sum(len(p) for p, _ in pairs),
-            cached_tokens=shared * (len(pairs) - 1),
-            scored_tokens=sum(len(c) for _, c in pairs),
+            prompt_tokens=sum(len(r) for r, _ in rows) - n_scored,
+            cached_tokens=shared * (len(rows) - 1),
+            scored_tokens=n_scored,
         )
-        for j, (_, c) in enumerate(pairs):
-            lp = tok_lp[j, max_c - len(c) :]
-            results.append(ScoredCompletion(list(c), lp.detach().cpu().tolist(), lp if keep_graph else None))
+        results: list[list[ScoredCompletion]] = []
+        for j, (row, spans) in enumerate(rows):
+            scored = []
+            for start, n in spans:
+                at = max_t - (len(row) - start)  # the span's first token among the last max_t
+                lp = tok_lp[j, at : at + n]
+                toks = row[start : start + n]
+                scored.append(ScoredCompletion(toks, lp.detach().cpu().tolist(), lp if keep_graph else None))
+            results.append(scored)
         return results

@@ -70,6 +70,17 @@ class TrainablePolicy(Protocol):
         """Per-token log-probs under ``softmax(logits / temperature)``; with ``keep_graph`` differentiable
         (grad mode and adapter scope are the caller's)."""
 
+    def score_turns(
+        self,
+        dialogues: Sequence[Sequence[tuple[View, str]]],
+        prefix: str = "",
+        *,
+        keep_graph: bool = False,
+        temperature: float = 1.0,
+    ) -> list[list[ScoredCompletion]]:
+        """:meth:`score_tensors` of each turn of each dialogue (one speaker's successive turns), in one
+        forward per dialogue where the chat template renders earlier turns inside later views unchanged."""
+
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` under the model's tokenizer."""
 

@@ -10,7 +10,10 @@ from typing import Any
 
 from dits.engine.base import View
 
-__all__ = ["PromptEncoder"]
+__all__ = ["PromptEncoder", "Span", "chain_turns"]
+
+Span = tuple[int, int]
+"""(start, length) of a completion inside a row of token ids."""
 
 
 class PromptEncoder:
@@ -78,3 +81,19 @@ class PromptEncoder:
         # A document-start token the template opens with (Llama 3's <|begin_of_text|>) goes first; one
         # that is the turn marker itself (ChatML's <|im_start|>) is already in the header.
         return (bos if bos and bare.startswith(bos) and not header.startswith(bos) else "") + header
+
+
+def chain_turns(pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[Span]]]:
+    """One speaker's successive turns of a dialogue, (prompt ids, completion ids) each, as few rows as
+    possible: a turn joins the row before it when that row's ids (earlier prompt + completion) are the first
+    tokens of the turn's prompt, i.e. the chat template renders the earlier turn inside the later view with
+    the same tokens. A causal model then gives every turn of the row the same log-probs in one forward as
+    in a forward of its own, and a speaker's T turns cost one pass over the conversation instead of T
+    passes over growing views. Where the template or the tokenizer breaks the chain, a new row starts."""
+    rows: list[tuple[list[int], list[Span]]] = []
+    for prompt, completion in pairs:
+        if rows and prompt[: len(rows[-1][0])] == rows[-1][0]:
+            rows[-1] = (prompt + completion, [*rows[-1][1], (len(prompt), len(completion))])
+        else:
+            rows.append((prompt + completion, [(len(prompt), len(completion))]))
+    return rows

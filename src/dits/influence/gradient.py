@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from dits.influence.base import active_adapter
-from dits.influence.likelihood import LikelihoodEstimator
+from dits.influence.likelihood import Dialogue, LikelihoodEstimator
 from dits.records import PreferencePair
 from dits.seeding import derive_seed
 
@@ -54,27 +54,29 @@ class GradientEstimator(LikelihoodEstimator):
             for p, flag in flags:
                 p.requires_grad_(flag)
 
-    def _turn_batches(self, weights: dict[int, float]) -> Iterator[list[tuple[float, tuple]]]:
-        """The turns of the weighted conversations as (weight, turn), in batches of one forced prefix and
-        about :data:`_BACKWARD_TOKENS` tokens (message contents counted, template tokens not): one graph is
-        held per batch, not one per validation task."""
-        by_prefix: dict[str, list[tuple[float, tuple]]] = {}
+    def _dialogue_batches(
+        self, weights: dict[int, float]
+    ) -> Iterator[tuple[str, list[tuple[float, Dialogue]]]]:
+        """Each weighted conversation's speaker dialogues as (weight, dialogue), in batches of one forced
+        prefix and about :data:`_BACKWARD_TOKENS` tokens (message contents counted, template tokens not):
+        one graph is held per batch, not one per validation task."""
+        by_prefix: dict[str, list[tuple[float, Dialogue]]] = {}
         for i, a in weights.items():
-            for turn in self._turns[i]:
-                by_prefix.setdefault(turn[2], []).append((a, turn))
-        for group in by_prefix.values():
-            batch: list[tuple[float, tuple]] = []
+            for d in self._dialogues[i]:
+                by_prefix.setdefault(d.prefix, []).append((a, d))
+        for prefix, group in by_prefix.items():
+            batch: list[tuple[float, Dialogue]] = []
             size = 0
-            for item in group:
-                view, text, _ = item[1]
+            for a, d in group:
+                view, text = d.turns[-1]  # the row: the last view, which holds the earlier turns
                 n = sum(self.engine.count_tokens(m["content"]) for m in view) + self.engine.count_tokens(text)
                 if batch and size + n > _BACKWARD_TOKENS:
-                    yield batch
+                    yield prefix, batch
                     batch, size = [], 0
-                batch.append(item)
+                batch.append((a, d))
                 size += n
             if batch:
-                yield batch
+                yield prefix, batch
 
     def _prepare(self) -> None:
         self._sample()
@@ -87,19 +89,15 @@ class GradientEstimator(LikelihoodEstimator):
             weights.update((i, float(a)) for i, a in zip(idx, adv.tolist(), strict=True) if a != 0)
         with self._grad_on_adapter() as params:
             grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-            # g = ∇ Σ_i a_i Σ_turns log π(turn): linear in the turns, so summed over batches of turns.
-            for batch in self._turn_batches(weights):
-                turns = [t for _, t in batch]
-                scored = self.engine.score_tensors(
-                    [t[0] for t in turns],
-                    [t[1] for t in turns],
-                    turns[0][2],
-                    keep_graph=True,
-                    temperature=self.cfg.temperature,
+            # g = ∇ Σ_i a_i Σ_turns log π(turn): linear in the turns, so summed over batches of dialogues.
+            for prefix, batch in self._dialogue_batches(weights):
+                scored = self.engine.score_turns(
+                    [d.turns for _, d in batch], prefix, keep_graph=True, temperature=self.cfg.temperature
                 )
                 terms = [
                     a * sc.tensor.sum()
-                    for (a, _), sc in zip(batch, scored, strict=True)
+                    for (a, _), turns in zip(batch, scored, strict=True)
+                    for sc in turns
                     if sc.tensor is not None and sc.tensor.numel() and sc.tensor.requires_grad
                 ]
                 if not terms:

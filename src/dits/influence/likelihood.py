@@ -24,7 +24,14 @@ from dits.records import PreferencePair
 from dits.seeding import derive_seed
 from dits.tasks.example import Example
 
-__all__ = ["CachedConversation", "LikelihoodEstimator", "conversation_turns", "weighted_metric"]
+__all__ = [
+    "CachedConversation",
+    "Dialogue",
+    "LikelihoodEstimator",
+    "conversation_turns",
+    "speaker_dialogues",
+    "weighted_metric",
+]
 
 
 @dataclass
@@ -51,6 +58,24 @@ def conversation_turns(
         view = render_view(example, texts[:k], turn.speaker, cfg)
         out.append((view, continuation(prefix, turn.text), prefix))
     return out
+
+
+@dataclass
+class Dialogue:
+    """One speaker's turns of one conversation, in order: what :meth:`score_turns` scores in one row."""
+
+    prefix: str
+    turns: list[tuple[View, str]]
+    """(view, completion) per turn."""
+
+
+def speaker_dialogues(example: Example, transcript: Transcript, cfg: ProtocolConfig) -> list[Dialogue]:
+    """:func:`conversation_turns` grouped by speaker (each speaker's views hold its earlier turns)."""
+    by_speaker: dict[int, Dialogue] = {}
+    turns = conversation_turns(example, transcript, cfg)
+    for turn, (view, completion, prefix) in zip(transcript.turns, turns, strict=True):
+        by_speaker.setdefault(turn.speaker, Dialogue(prefix, [])).turns.append((view, completion))
+    return list(by_speaker.values())
 
 
 def weighted_metric(
@@ -84,8 +109,8 @@ class LikelihoodEstimator(InfluenceEstimator):
             CachedConversation(i // k, tr, float(self.metric_fn(ex, tr)), 0.0)
             for i, (ex, tr) in enumerate(zip(examples, transcripts, strict=True))
         ]
-        self._turns = [
-            conversation_turns(self.examples[c.task], c.transcript, self.protocol) for c in self.cache
+        self._dialogues = [
+            speaker_dialogues(self.examples[c.task], c.transcript, self.protocol) for c in self.cache
         ]
         self._task = torch.tensor([c.task for c in self.cache])
         self._metrics = torch.tensor([c.metric for c in self.cache], dtype=torch.float64)
@@ -103,18 +128,20 @@ class LikelihoodEstimator(InfluenceEstimator):
         """``log π`` of the cached conversations under the engine's active adapter (no graph), at the
         temperature they were sampled at: the importance weights compare the distributions the samples
         came from (θ at T) and would come from (θ_z at T); scoring at T = 1 weighted them by the wrong
-        ratio."""
+        ratio. A speaker's turns of a conversation are scored in one forward (``score_turns``)."""
         idx = list(range(len(self.cache))) if indices is None else list(indices)
-        flat = [(i, turn) for i in idx for turn in self._turns[i]]
         sums = dict.fromkeys(idx, 0.0)
-        by_prefix: dict[str, list[tuple[int, tuple[View, str, str]]]] = {}
-        for i, turn in flat:
-            by_prefix.setdefault(turn[2], []).append((i, turn))
-        for prefix, items in by_prefix.items():
-            views, texts = [t[0] for _, t in items], [t[1] for _, t in items]
-            scored = self.engine.score(views, texts, prefix, temperature=self.cfg.temperature)
-            for (i, _), sc in zip(items, scored, strict=True):
-                sums[i] += float(sum(sc.logprobs))
+        by_prefix: dict[str, list[tuple[int, Dialogue]]] = {}
+        for i in idx:
+            for d in self._dialogues[i]:
+                by_prefix.setdefault(d.prefix, []).append((i, d))
+        with torch.inference_mode(), self.engine.adapter_scope():
+            for prefix, items in by_prefix.items():
+                scored = self.engine.score_turns(
+                    [d.turns for _, d in items], prefix, temperature=self.cfg.temperature
+                )
+                for (i, _), turns in zip(items, scored, strict=True):
+                    sums[i] += sum(float(sum(sc.logprobs)) for sc in turns)
         return [sums[i] for i in idx]
 
     def _score_chunk(self, chunk: list[PreferencePair]) -> tuple[float, dict[str, float]]:
