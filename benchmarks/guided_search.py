@@ -15,6 +15,11 @@ All arms share one ``T_norm`` (calibrated once, not charged to any arm), so Q is
 the top ``K`` pairs by Q are kept, ``K`` the smallest pool's size times ``--ratio`` (equal DPO cost), and
 a fresh LoRA (same seed) is trained on them with the same DPO steps, batch and lr.
 
+With ``--work-dir`` a run of hours can be cut and rerun: pools resume tree by tree (a pool's FLOPs add the
+recorded cost of the trees found on disk, so the budget rule sees an uninterrupted run's), and the pools'
+figures, the untrained evaluation and each arm's training and evaluation are kept as checkpoints; a work
+dir of other result-changing arguments is refused.
+
 Prints one JSON object: per arm the pool (trees, rollouts, pairs, FLOPs, seconds, the mean task metric of the
 chosen responses over the pool and over the kept pairs, the mean metric of all rollouts), training (pairs,
 steps, loss) and the test metric with its interval, and the share of its trees whose selections differ
@@ -37,7 +42,7 @@ from typing import Any
 
 import torch
 
-from dits.artifacts import read_jsonl
+from dits.artifacts import PAIRS_FILE, TREES_FILE, read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.evaluate import paired_bootstrap
@@ -46,12 +51,15 @@ from dits.search.tree import Tree
 from dits.select import SelectConfig, select_pairs
 from dits.stages.context import ModelRef
 from dits.stages.search import grow_pool, load_or_calibrate_t_norm, prepared_guide
+from dits.tasks.example import Example
 from dits.tasks.source import examples_for
 from dits.train.config import TrainConfig
 from dits.train.dpo import train_dpo
-from selection_quality import _public, evaluate, flops
+from selection_quality import Checkpoints, _public, evaluate, flops
 
 log = logging.getLogger("guided_search")
+_NOT_RESULTS = frozenset({"threads", "work_dir", "progress"})
+"""Arguments that change no result (unlike selection_quality's, the seed does here: no per-seed parts)."""
 
 
 def run_config(args: argparse.Namespace, lam: float, train_tasks: int) -> RunConfig:
@@ -92,9 +100,14 @@ def chosen_metrics(trees: list[Tree], pairs: list[PreferencePair]) -> list[float
 
 def grow(
     engine: HFEngine, cfg: RunConfig, out: Path, n: int, t_norm: float, progress: bool
-) -> tuple[list[Tree], list[PreferencePair], dict[str, Any]]:
-    """The first ``n`` train tasks' trees in ``out`` (grown or finished there), guided when ``cfg`` is."""
+) -> dict[str, Any]:
+    """Grow (or finish) the first ``n`` train tasks' trees in ``out``, guided when ``cfg`` is; the pool's
+    figures. ``flops`` is what an uninterrupted run would have spent: this call's ledger (the guide's
+    preparation included, if a tree was left to grow) plus the recorded cost of the trees found on disk,
+    which carry their share of their shard's rollouts and guide scoring."""
     train = examples_for(cfg.task, "train")[:n]
+    wanted = {ex.id for ex in train}
+    found = [t for t in read_jsonl(out / TREES_FILE, Tree) if t.task_id in wanted]
     before = engine.ledger.snapshot()
 
     def make_guide():  # type: ignore[no-untyped-def]
@@ -104,19 +117,61 @@ def grow(
         engine, train, cfg, out, t_norm=t_norm, progress=progress,
         make_guide=make_guide if cfg.guide.lam else None,
     )  # fmt: skip
-    trees = read_jsonl(summary.trees_path, Tree)
-    pairs = read_jsonl(summary.pairs_path, PreferencePair)
-    info = {
+    return {
         "trees": summary.trees,
         "rollouts": summary.rollouts,
-        "pairs": len(pairs),
-        "flops": flops(engine, before),
+        "pairs": summary.pairs,
+        "flops": flops(engine, before) + sum(t.flops for t in found),
         "guide_flops": summary.guide_flops,
         "guide_pairs_scored": summary.guide_pairs_scored,
         "guide_moved": summary.guide_moved,
         "seconds": summary.seconds,
+        "resumed": 0 < len(found) < n,  # then the guide_* figures and seconds are this call's part
     }
-    return trees, pairs, info
+
+
+def pool_of(out: Path, n: int, cfg: RunConfig) -> tuple[list[Tree], list[PreferencePair]]:
+    """The first ``n`` train tasks' trees in ``out`` and the pairs mined from them."""
+    wanted = {ex.id for ex in examples_for(cfg.task, "train")[:n]}
+    trees = [t for t in read_jsonl(out / TREES_FILE, Tree) if t.task_id in wanted]
+    pairs = [p for p in read_jsonl(out / PAIRS_FILE, PreferencePair) if p.tree_task_id in wanted]
+    return trees, pairs
+
+
+def train_arm(
+    engine: HFEngine,
+    name: str,
+    pool: tuple[list[Tree], list[PreferencePair]],
+    keep: int,
+    tcfg: TrainConfig,
+    cfg: RunConfig,
+    test: list[Example],
+    root: Path,
+) -> dict[str, Any]:
+    """DPO on the pool's top ``keep`` pairs by Q from a fresh LoRA (the same initial draw for every arm),
+    then the greedy test evaluation."""
+    trees, pairs = pool
+    kept = select_pairs(pairs, None, SelectConfig(strategy="q", seed=tcfg.seed), keep=keep)
+    log.info("%s: DPO on %d of %d pairs", name, len(kept), len(pairs))
+    torch.manual_seed(tcfg.seed)
+    adapter = f"gs_{name}"
+    before = engine.ledger.snapshot()
+    result = train_dpo(engine, kept, tcfg, root / "dpo" / name, adapter_name=adapter)
+    train_flops = flops(engine, before)
+    try:
+        ev = evaluate(engine, test, cfg, adapter)
+    finally:
+        engine.delete_adapter(adapter)
+    return {
+        "kept_metric": statistics.fmean(chosen_metrics(trees, kept)),
+        "train": {
+            "pairs": result.rows,
+            "steps": result.steps,
+            "loss": result.train_loss,
+            "flops": train_flops,
+        },
+        **ev,
+    }
 
 
 def main() -> None:
@@ -147,7 +202,11 @@ def main() -> None:
     ap.add_argument("--dpo-lr", type=float, default=5e-4)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--work-dir", default=None, help="keep pools and adapters here (default: a temp dir)")
+    ap.add_argument(
+        "--work-dir",
+        default=None,
+        help="keep pools, adapters and checkpoints here: a rerun resumes (default: a temp dir)",
+    )
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = ap.parse_args()
     lams = args.lam or [1.0]
@@ -164,6 +223,9 @@ def main() -> None:
     engine = HFEngine(args.model)
     tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="dits-guided-")
     root = Path(args.work_dir or tmp.name)  # type: ignore[union-attr]
+    # Pools resume tree by tree; pool figures, the untrained evaluation and each arm's training and
+    # evaluation are kept as checkpoints, so a run of hours can be cut and resumed.
+    ckpt = Checkpoints(root, args, keep=args.work_dir is not None, not_results=_NOT_RESULTS)
     n = args.train_tasks
     # Spare tasks for the λ = 0 arm's extra trees: the guided search costs a few times a plain one here.
     spare = 4 * n
@@ -173,23 +235,25 @@ def main() -> None:
     )
     test = examples_for(cfg0.task, "test")
 
-    pools: dict[str, tuple[list[Tree], list[PreferencePair], dict[str, Any]]] = {}
+    infos: dict[str, dict[str, Any]] = {}
     for lam in lams:
+        name = f"lam_{lam:g}"
         log.info("guided search, λ = %g, on %d tasks", lam, n)
-        pools[f"lam_{lam:g}"] = grow(engine, run_config(args, lam, n + spare), root / f"lam_{lam:g}", n,
-                                     cal.t_norm, args.progress)  # fmt: skip
+        infos[name] = ckpt.get(f"pool_{name}", grow, engine, run_config(args, lam, n + spare), root / name, n,
+                               cal.t_norm, args.progress)  # fmt: skip
     log.info("Q-value search on %d tasks", n)
-    trees0, _, base_info = grow(engine, cfg0, root / "lam_0", n, cal.t_norm, args.progress)
-    target = statistics.fmean(info["flops"] for _, _, info in pools.values())
+    base_info = ckpt.get("pool_lam_0_first", grow, engine, cfg0, root / "lam_0", n, cal.t_norm, args.progress)
+    target = statistics.fmean(info["flops"] for info in infos.values())
     per_tree = base_info["flops"] / n
     extra = min(spare, max(0, round((target - base_info["flops"]) / per_tree)))
     log.info("λ = 0: %d extra trees to reach %.3g FLOPs (%.3g per tree)", extra, target, per_tree)
-    trees0, pairs0, more = grow(engine, cfg0, root / "lam_0", n + extra, cal.t_norm, args.progress)
-    more.update(flops=base_info["flops"] + more["flops"], seconds=base_info["seconds"] + more["seconds"],
-                extra_trees=extra, flops_vs_guided=(base_info["flops"] + more["flops"]) / target)  # fmt: skip
-    pools = {"lam_0": (trees0, pairs0, more), **pools}
+    more = ckpt.get("pool_lam_0", grow, engine, cfg0, root / "lam_0", n + extra, cal.t_norm, args.progress)
+    more.update(extra_trees=extra, flops_vs_guided=more["flops"] / target,
+                seconds=base_info["seconds"] + more["seconds"])  # fmt: skip
+    infos = {"lam_0": more, **infos}
+    pools = {name: pool_of(root / name, info["trees"], cfg0) for name, info in infos.items()}
 
-    smallest = min(len(p) for _, p, _ in pools.values())
+    smallest = min(len(p) for _, p in pools.values())
     if smallest == 0:
         raise SystemExit("a pool has no pairs: use more --train-tasks or --explore")
     keep = max(1, round(args.ratio * smallest))
@@ -203,35 +267,20 @@ def main() -> None:
         }
     )  # fmt: skip
     log.info("evaluating the untrained model on %d test tasks", len(test))
-    untrained = evaluate(engine, test, cfg0, None)
+    untrained = ckpt.get("untrained", evaluate, engine, test, cfg0, None)
     arms: dict[str, dict[str, Any]] = {}
-    for name, (trees, pairs, info) in pools.items():
-        kept = select_pairs(pairs, None, SelectConfig(strategy="q", seed=args.seed), keep=keep)
-        log.info("%s: DPO on %d of %d pairs", name, len(kept), len(pairs))
-        torch.manual_seed(args.seed)  # the fresh LoRA's initial A: the same draw for every arm
-        adapter = f"gs_{name}"
-        before = engine.ledger.snapshot()
-        result = train_dpo(engine, kept, tcfg, root / "dpo" / name, adapter_name=adapter)
-        train_flops = flops(engine, before)
-        try:
-            ev = evaluate(engine, test, cfg0, adapter)
-        finally:
-            engine.delete_adapter(adapter)
-        all_metrics = [r.metric for t in trees for r in t.rollouts]
+    for name, (trees, pairs) in pools.items():
+        trained = ckpt.get(
+            f"train_{name}", train_arm, engine, name, (trees, pairs), keep, tcfg, cfg0, test, root
+        )
         arms[name] = {
             "pool": {
-                **info,
+                **infos[name],
                 "chosen_metric": statistics.fmean(chosen_metrics(trees, pairs)),
-                "chosen_metric_kept": statistics.fmean(chosen_metrics(trees, kept)),
-                "rollout_metric": statistics.fmean(all_metrics),
+                "chosen_metric_kept": trained.pop("kept_metric"),
+                "rollout_metric": statistics.fmean(r.metric for t in trees for r in t.rollouts),
             },
-            "train": {
-                "pairs": result.rows,
-                "steps": result.steps,
-                "loss": result.train_loss,
-                "flops": train_flops,
-            },
-            **ev,
+            **trained,
         }
     for name, arm in arms.items():
         if name != "lam_0":
@@ -239,7 +288,7 @@ def main() -> None:
             d = paired_bootstrap(arm["_values"], arms["lam_0"]["_values"])
             arm["minus_lam_0"] = {"mean": d.mean, "ci95": [d.low, d.high]}
     plain = {t.task_id: t.selected for t in pools["lam_0"][0]}
-    for name, (trees, _, _) in pools.items():  # did the guide change any selection? (same seeds as λ = 0)
+    for name, (trees, _) in pools.items():  # did the guide change any selection? (same seeds as λ = 0)
         arms[name]["pool"]["selections_differ"] = statistics.fmean(
             t.selected != plain[t.task_id] for t in trees
         )

@@ -6,10 +6,11 @@ as in ``dits run``'s first iteration). For every chunk z the ground truth is
 
     ΔM(z) = M_S(θ_z) − M_S(θ)
 
-with M_S the mean task metric of S sampled conversations (temperature 0.7) on each of G validation tasks,
-the SAME seeds before and after the step (common random numbers: a conversation changes only where the step
-changes a sampled token). The G ground-truth tasks are dev tasks disjoint from the V tasks the estimators
-see, so an estimator is judged on the validation distribution, not on its own sample. Then each estimator
+with M_S the mean task metric of S sampled conversations (``--gt-temperature``, 0.7; 0 is one greedy
+conversation per task) on each of G validation tasks, the SAME seeds before and after the step (common
+random numbers: a conversation changes only where the step changes a sampled token). The G ground-truth
+tasks are dev tasks disjoint from the V tasks the estimators see, so an estimator is judged on the
+validation distribution, not on its own sample. Then each estimator
 (``rollout``, ``likelihood``, ``gradient``), prepared once on the V tasks from the same θ, scores the same
 chunks with the same step (optimizer, lr, β).
 
@@ -20,6 +21,9 @@ FLOPs of one more candidate, preparation left out) for ``likelihood`` and ``grad
 truth itself, a split-half Spearman (its G tasks in two halves) and the whole's Spearman-Brown reliability:
 how much rank signal the ground truth holds at all (``has_signal``: split-half ≥ 0.6; below it, the
 estimators' correlations are mostly noise).
+
+With ``--work-dir`` the ground truth (per candidate) and each estimator's scores are checkpoints: a cut run
+resumes, and a rerun with other ``--estimators`` reuses the ground truth.
 """
 
 from __future__ import annotations
@@ -53,9 +57,12 @@ from dits.stages.search import grow_pool
 from dits.tasks.example import Example
 from dits.tasks.source import examples_for
 from dits.train.step import one_step
+from selection_quality import Checkpoints
 
 log = logging.getLogger("influence_fidelity")
 ESTIMATORS = ("rollout", "likelihood", "gradient")
+_NOT_RESULTS = frozenset({"threads", "work_dir", "progress", "estimators"})
+"""Arguments that change no checkpointed result (each estimator's scores are a checkpoint of their own)."""
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -80,15 +87,15 @@ class GroundTruth:
     """Per-conversation metrics of S seeded samples on each of G tasks, under θ and under each θ_z."""
 
     def __init__(self, engine: HFEngine, examples: list[Example], samples: int, protocol: ProtocolConfig,
-                 seed: int) -> None:  # fmt: skip
-        self.engine, self.protocol = engine, protocol
+                 seed: int, temperature: float = 0.7) -> None:  # fmt: skip
+        self.engine, self.protocol, self.temperature = engine, protocol, temperature
         self.examples = [ex for ex in examples for _ in range(samples)]
         self.task = [t for t in range(len(examples)) for _ in range(samples)]
         self.seeds = [derive_seed(seed, "ground-truth", t, j) for t in range(len(examples))
                       for j in range(samples)]  # fmt: skip
 
     def metrics(self) -> list[float]:
-        transcripts = run_dialogues(self.engine, self.examples, self.protocol, temperature=0.7,
+        transcripts = run_dialogues(self.engine, self.examples, self.protocol, temperature=self.temperature,
                                     seeds=self.seeds)  # fmt: skip
         return [t.metric for t in transcripts]
 
@@ -173,6 +180,51 @@ def get_pool(args: argparse.Namespace, cfg: RunConfig, engine: HFEngine, work: P
     return list(read_jsonl(summary.pairs_path, PreferencePair))
 
 
+def ground_truth_part(
+    engine: HFEngine,
+    gt: GroundTruth,
+    theta: str,
+    chunk: list[PreferencePair] | None,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The ground truth's conversations under θ (``chunk`` None) or under θ_z, one step on ``chunk``."""
+    with metered(engine) as cost:
+        if chunk is None:
+            metrics, norm = gt.metrics(), 0.0
+        else:
+            with one_step(engine, theta, chunk, lr=args.lr, beta=args.beta, optimizer=args.optimizer) as step:
+                metrics = gt.metrics()
+            norm = step.update_norm
+    return {"metrics": metrics, "update_norm": norm, "flops": cost.flops, "seconds": cost.seconds}
+
+
+def run_estimator(
+    engine: HFEngine,
+    kind: str,
+    theta: str,
+    val: list[Example],
+    protocol: ProtocolConfig,
+    chunks: list[list[PreferencePair]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One estimator prepared on θ and the V tasks, scoring every candidate: its scores and cost."""
+    icfg = InfluenceConfig(
+        estimator=kind,  # type: ignore[arg-type]
+        chunk_size=args.chunk_size, lr=args.lr, beta=args.beta, optimizer=args.optimizer,
+        val_tasks=args.val_tasks, samples_per_task=args.samples, seed=args.seed,
+        step_geometry="optimizer" if args.optimizer == "adamw" else "sgd",
+    )  # fmt: skip
+    est = make_estimator(icfg)
+    est.prepare(engine, theta, val, protocol)
+    scores: list[InfluenceScore] = est.score(chunks)
+    return {
+        "values": [s.score for s in scores],
+        "flops": est.prepare_cost.flops + sum(s.cost.flops for s in scores),
+        "seconds": est.prepare_cost.seconds + sum(s.cost.seconds for s in scores),
+        "prepare_flops": est.prepare_cost.flops,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -195,6 +247,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="K samples per task (likelihood, gradient)")
     ap.add_argument("--gt-tasks", type=int, default=24, help="G: dev tasks of the ground truth")
     ap.add_argument("--gt-samples", type=int, default=2, help="S: samples per ground-truth task")
+    ap.add_argument(
+        "--gt-temperature",
+        type=float,
+        default=0.7,
+        help="of the ground truth's conversations (0: greedy, S 1)",
+    )
     ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     ap.add_argument("--lr", type=float, default=1e-3, help="the probe step (every estimator, ground truth)")
     ap.add_argument("--beta", type=float, default=0.1)
@@ -207,9 +265,11 @@ def main() -> None:
         default=",".join(ESTIMATORS),
         help="which to run (rollout always runs), or none: the ground truth alone",
     )
-    ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--work-dir", default=None, help="keep the pool and checkpoints here: a rerun resumes")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
+    if args.gt_temperature == 0 and args.gt_samples != 1:
+        raise SystemExit("--gt-temperature 0 is greedy: every sample would be the same; use --gt-samples 1")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -226,20 +286,25 @@ def main() -> None:
     val, gt_tasks = dev[: args.val_tasks], dev[args.val_tasks :]
     theta = probe_adapter(engine, cfg.train.lora, seed=args.seed)
 
+    # The ground truth and each estimator's scores are checkpoints in --work-dir: a run of hours can be cut
+    # and rerun, and adding an estimator to a finished run reuses the ground truth.
+    ckpt = Checkpoints(work, args, keep=args.work_dir is not None, not_results=_NOT_RESULTS)
     # Ground truth: common random numbers before and after each step.
-    gt = GroundTruth(engine, gt_tasks, args.gt_samples, protocol, args.seed)
+    gt = GroundTruth(engine, gt_tasks, args.gt_samples, protocol, args.seed, args.gt_temperature)
     engine.set_adapter(theta)
-    with metered(engine) as gt_cost:
-        base = gt.metrics()
-        truth, halves, per_task = [], [], []
-        for i, chunk in enumerate(chunks):
-            with one_step(engine, theta, chunk, lr=args.lr, beta=args.beta, optimizer=args.optimizer) as step:
-                after = gt.metrics()
-            truth.append(statistics.fmean(after) - statistics.fmean(base))
-            halves.append([gt.half(after, h) - gt.half(base, h) for h in (0, 1)])
-            per_task.append([a - b for a, b in zip(gt.per_task(after), gt.per_task(base), strict=True)])
-            log.info("ground truth %d/%d: %+.4f (update norm %.3g)", i + 1, len(chunks), truth[-1],
-                     step.update_norm)  # fmt: skip
+    base_part = ckpt.get("ground_truth/base", ground_truth_part, engine, gt, theta, None, args)
+    base = base_part["metrics"]
+    parts = [base_part]
+    truth, halves, per_task = [], [], []
+    for i, chunk in enumerate(chunks):
+        part = ckpt.get(f"ground_truth/candidate_{i}", ground_truth_part, engine, gt, theta, chunk, args)
+        parts.append(part)
+        after = part["metrics"]
+        truth.append(statistics.fmean(after) - statistics.fmean(base))
+        halves.append([gt.half(after, h) - gt.half(base, h) for h in (0, 1)])
+        per_task.append([a - b for a, b in zip(gt.per_task(after), gt.per_task(base), strict=True)])
+        log.info("ground truth %d/%d: %+.4f (update norm %.3g)", i + 1, len(chunks), truth[-1],
+                 part["update_norm"])  # fmt: skip
     engine.set_adapter(None)
 
     split_half = spearman([h[0] for h in halves], [h[1] for h in halves])
@@ -263,8 +328,8 @@ def main() -> None:
             "task_reliability": alpha,
             "expected_split_half": half_alpha,
             "gt_tasks_for_split_half_0.6": None if g_needed is None else 2 * g_needed,
-            "flops": gt_cost.flops,
-            "seconds": gt_cost.seconds,
+            "flops": sum(p["flops"] for p in parts),
+            "seconds": sum(p["seconds"] for p in parts),
         },
     }
     # "none": the ground truth alone (sizing its step and tasks); otherwise rollout always runs (the
@@ -272,28 +337,19 @@ def main() -> None:
     wanted = args.estimators.split(",")
     kinds = [] if wanted == ["none"] else [k for k in ESTIMATORS if k == "rollout" or k in wanted]
     for kind in kinds:
-        icfg = InfluenceConfig(
-            estimator=kind,  # type: ignore[arg-type]
-            chunk_size=args.chunk_size, lr=args.lr, beta=args.beta, optimizer=args.optimizer,
-            val_tasks=args.val_tasks, samples_per_task=args.samples, seed=args.seed,
-            step_geometry="optimizer" if args.optimizer == "adamw" else "sgd",
-        )  # fmt: skip
-        est = make_estimator(icfg)
-        est.prepare(engine, theta, val, protocol)
-        scores: list[InfluenceScore] = est.score(chunks)
-        values = [s.score for s in scores]
-        flops = est.prepare_cost.flops + sum(s.cost.flops for s in scores)
-        seconds = est.prepare_cost.seconds + sum(s.cost.seconds for s in scores)
+        got = ckpt.get(f"estimator_{kind}", run_estimator, engine, kind, theta, val, protocol, chunks, args)
+        values = got["values"]
         report[kind] = {
             "spearman": spearman(values, truth),
             "top_half_agreement": top_half_agreement(values, truth),
             "distinct_scores": len(set(values)),
-            "flops": flops,
-            "seconds": seconds,
-            "prepare_flops": est.prepare_cost.flops,
+            "flops": got["flops"],
+            "seconds": got["seconds"],
+            "prepare_flops": got["prepare_flops"],
             "scores": values,
         }
-        log.info("%s: spearman %s, %.3g FLOPs, %.0f s", kind, report[kind]["spearman"], flops, seconds)
+        log.info("%s: spearman %s, %.3g FLOPs, %.0f s", kind, report[kind]["spearman"], got["flops"],
+                 got["seconds"])  # fmt: skip
 
     def per_candidate(kind: str) -> float:  # the cost of one more candidate: preparation left out
         return (report[kind]["flops"] - report[kind]["prepare_flops"]) / len(chunks)

@@ -295,11 +295,13 @@ class Checkpoints:
     is missing (pools resume tree by tree on their own). Without ``--work-dir`` nothing is kept. A work
     dir written under other result-changing arguments is refused, naming them."""
 
-    def __init__(self, root: Path, args: argparse.Namespace, keep: bool) -> None:
+    def __init__(
+        self, root: Path, args: argparse.Namespace, keep: bool, not_results: frozenset[str] = _NOT_RESULTS
+    ) -> None:
         self.root, self.keep = root, keep
         if not keep:
             return
-        settings = {k: v for k, v in vars(args).items() if k not in _NOT_RESULTS}
+        settings = {k: v for k, v in vars(args).items() if k not in not_results}
         path = root / "settings.json"
         if path.exists():
             old = json.loads(path.read_text())
