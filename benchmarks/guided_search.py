@@ -37,6 +37,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.evaluate import paired_bootstrap
 from dits.records import PreferencePair
+from dits.search.guided import InfluenceGuide
 from dits.search.tree import Tree
 from dits.select import SelectConfig, select_pairs
 from dits.stages.context import ModelRef
@@ -102,31 +105,36 @@ def grow(
     engine: HFEngine, cfg: RunConfig, out: Path, n: int, t_norm: float, progress: bool
 ) -> dict[str, Any]:
     """Grow (or finish) the first ``n`` train tasks' trees in ``out``, guided when ``cfg`` is; the pool's
-    figures. ``flops`` is what an uninterrupted run would have spent: this call's ledger (the guide's
-    preparation included, if a tree was left to grow) plus the recorded cost of the trees found on disk,
-    which carry their share of their shard's rollouts and guide scoring."""
+    figures. ``flops`` is what an uninterrupted run would have spent: the recorded cost of its trees (each
+    carries its share of its shard's rollouts and guide scoring, and keeps it when a cut shard is re-run)
+    plus the guide's preparation, if a tree was left to grow here."""
     train = examples_for(cfg.task, "train")[:n]
     wanted = {ex.id for ex in train}
-    found = [t for t in read_jsonl(out / TREES_FILE, Tree) if t.task_id in wanted]
-    before = engine.ledger.snapshot()
+    found = sum(1 for t in read_jsonl(out / TREES_FILE, Tree) if t.task_id in wanted)
+    prepare = {"flops": 0.0}
 
-    def make_guide():  # type: ignore[no-untyped-def]
-        return prepared_guide(engine, cfg, ModelRef.base(cfg), train)
+    @contextmanager
+    def make_guide() -> Iterator[InfluenceGuide]:
+        before = engine.ledger.snapshot()
+        with prepared_guide(engine, cfg, ModelRef.base(cfg), train) as guide:
+            prepare["flops"] = flops(engine, before)
+            yield guide
 
     summary = grow_pool(
         engine, train, cfg, out, t_norm=t_norm, progress=progress,
         make_guide=make_guide if cfg.guide.lam else None,
     )  # fmt: skip
+    trees, _ = pool_of(out, n, cfg)
     return {
         "trees": summary.trees,
         "rollouts": summary.rollouts,
         "pairs": summary.pairs,
-        "flops": flops(engine, before) + sum(t.flops for t in found),
+        "flops": sum(t.flops for t in trees) + prepare["flops"],
         "guide_flops": summary.guide_flops,
         "guide_pairs_scored": summary.guide_pairs_scored,
         "guide_moved": summary.guide_moved,
         "seconds": summary.seconds,
-        "resumed": 0 < len(found) < n,  # then the guide_* figures and seconds are this call's part
+        "trees_found": found,  # on disk before this call: the guide_* figures and seconds are the rest's
     }
 
 

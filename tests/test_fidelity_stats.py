@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import statistics
+import sys
 
 import pytest
 
@@ -12,6 +13,8 @@ from tests.conftest import REPO
 
 
 def _bench():
+    if str(REPO / "benchmarks") not in sys.path:  # as when run as a script: it imports its sibling modules
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(
         "influence_fidelity", REPO / "benchmarks/influence_fidelity.py"
     )
