@@ -473,7 +473,8 @@ class HFEngine(Engine):
             pairs = self.prompts.pairs([v for v, _ in turns], [c for _, c in turns], prefix)
             rows += chain_turns(pairs)
         flat = [sc for row in self._score_rows(rows, keep_graph, temperature) for sc in row]
-        out, k = [], 0
+        out: list[list[ScoredCompletion]] = []
+        k = 0
         for turns in dialogues:
             out.append(flat[k : k + len(turns)])
             k += len(turns)
@@ -508,9 +509,8 @@ class HFEngine(Engine):
         width = keep = 0
         for i in order:
             wider, longer = max(width, len(rows[i][0])), max(keep, tail(i) + 1)
-            too_big = (len(batch) + 1) * wider > self.score_token_budget or (
-                len(batch) + 1
-            ) * longer > self.score_token_budget // 2
+            n = len(batch) + 1
+            too_big = n * wider > self.score_token_budget or n * longer > self.score_token_budget // 2
             if batch and (too_big or len(batch) >= self.max_batch):
                 flush()
                 wider, longer = len(rows[i][0]), tail(i) + 1
@@ -549,7 +549,7 @@ class HFEngine(Engine):
         )
         results: list[list[ScoredCompletion]] = []
         for j, (row, spans) in enumerate(rows):
-            scored = []
+            scored: list[ScoredCompletion] = []
             for start, n in spans:
                 at = max_t - (len(row) - start)  # the span's first token among the last max_t
                 lp = tok_lp[j, at : at + n]
