@@ -15,10 +15,10 @@ All arms share one ``T_norm`` (calibrated once, not charged to any arm), so Q is
 the top ``K`` pairs by Q are kept, ``K`` the smallest pool's size times ``--ratio`` (equal DPO cost), and
 a fresh LoRA (same seed) is trained on them with the same DPO steps, batch and lr.
 
-With ``--work-dir`` a run of hours can be cut and rerun: pools resume tree by tree (a pool's FLOPs add the
-recorded cost of the trees found on disk, so the budget rule sees an uninterrupted run's), and the pools'
-figures, the untrained evaluation and each arm's training and evaluation are kept as checkpoints; a work
-dir of other result-changing arguments is refused.
+With ``--work-dir`` a run of hours can be cut and rerun: pools resume tree by tree (a pool's FLOPs are its
+trees' recorded cost plus its guide's preparation, so the budget rule sees an uninterrupted run's), and the
+pools' figures, the untrained evaluation and each arm's training and evaluation are kept as checkpoints;
+a work dir of other result-changing arguments is refused.
 
 Prints one JSON object: per arm the pool (trees, rollouts, pairs, FLOPs, seconds, the mean task metric of the
 chosen responses over the pool and over the kept pairs, the mean metric of all rollouts), training (pairs,
