@@ -124,7 +124,7 @@ def grow(
         engine, train, cfg, out, t_norm=t_norm, progress=progress,
         make_guide=make_guide if cfg.guide.lam else None,
     )  # fmt: skip
-    trees, _ = pool_of(out, n, cfg)
+    trees = [t for t in read_jsonl(out / TREES_FILE, Tree) if t.task_id in wanted]
     return {
         "trees": summary.trees,
         "rollouts": summary.rollouts,
