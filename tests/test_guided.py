@@ -26,6 +26,7 @@ from dits.stages.search import SearchSummary, grow_pool, search_stage
 from tests.test_mcts import TASKS, ScriptedRollouter
 from tests.test_rollout import EXAMPLES, SeededEngine
 from tests.test_synthesize import LOW, _cfg, _many, _tree_lines
+from tests.threads import one_torch_thread
 
 
 class FixedScores:
@@ -274,7 +275,6 @@ def test_guided_synthesize_on_the_embedded_model(engine, tmp_path) -> None:
     """λ ≠ 0 through the search stage: θ is the base model, probed by a fresh LoRA that is added beside
     it (inactive, so rollouts still run on the base) and removed at the end; pairs are rendered and scored
     by the gradient estimator on the run's validation tasks, and its cost lands in the ledger."""
-    import torch
 
     from dits.influence.inputs import PROBE_ADAPTER
     from dits.tasks.builtin import make_builtin
@@ -299,17 +299,15 @@ def test_guided_synthesize_on_the_embedded_model(engine, tmp_path) -> None:
             seen.add((engine.active_adapter, searched))
         return original(views, sampling, seeds)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     before = engine.ledger.snapshot()
     try:
         engine.generate = generate  # type: ignore[method-assign]
         ctx = StageContext.single(cfg, tmp_path, engine=engine, progress=False)
-        product = search_stage(ctx, 0, None, ModelRef.base(cfg), examples, pairs=LOW)
+        with one_torch_thread():
+            product = search_stage(ctx, 0, None, ModelRef.base(cfg), examples, pairs=LOW)
         s = SearchSummary.model_validate_json(product.file("summary.json").read_text())
     finally:
         del engine.generate
-        torch.set_num_threads(threads)
     assert s.guide_pairs_scored >= 1  # after steps 0 and 1 the root has two children of different Q
     assert 0 < s.guide_flops <= engine.ledger.flops(engine.ledger.snapshot() - before)
     # Rollouts ran on the base; the validation samples under θ, the probe (the same function, B = 0).

@@ -23,6 +23,7 @@ from dits.mas.protocol import ProtocolConfig, prefixed, render_view, turn_prefix
 from dits.records import PreferencePair
 from dits.tasks.builtin import make_builtin
 from dits.tasks.example import Example
+from tests.threads import one_torch_thread
 
 PROTOCOL = ProtocolConfig(max_turns=2, max_new_tokens=12, worked_example=False)
 EPS = 1e-2
@@ -38,10 +39,8 @@ def hash_metric(example: Example, transcript: Transcript) -> float:
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def _drop_adapter(engine, name: str) -> None:

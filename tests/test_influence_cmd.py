@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dits.artifacts import SCORES_FILE, StageChanged, StageIncomplete, read_jsonl
 from dits.config import RunConfig, parse_config
@@ -22,16 +21,15 @@ from dits.stages.context import ModelRef, Product, StageContext
 from dits.stages.influence import influence_stage, score_pool
 from dits.tasks.builtin import make_builtin
 from tests.test_influence import PROTOCOL, hash_metric
+from tests.threads import one_torch_thread
 
 THETA = "test-theta"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def _cfg(task: dict | None = None, **influence) -> RunConfig:

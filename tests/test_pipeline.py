@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from dits.artifacts import StageChanged, differences, read_manifest, run_stage
 from dits.ledger import Ledger
+from tests.threads import one_torch_thread
 
 # -- stage rules (no model) ---------------------------------------------------------------------------
 
@@ -93,10 +93,8 @@ def _run(engine, root: Path, **kw):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from dits.config import RunConfig, parse_config
 from dits.executor import LocalExecutor
@@ -25,6 +24,7 @@ from dits.stages.context import EngineHolder, ModelRef, StageContext, executor_f
 from dits.stages.influence import influence_stage
 from dits.stages.search import search_stage
 from dits.tasks.source import examples_for
+from tests.threads import one_torch_thread
 
 SMALL = {
     "task": {"dataset": "facts", "train": 4, "dev": 2, "knobs": {"hops": 1, "n_distractor": 0}},
@@ -71,12 +71,8 @@ def local(tmp_path_factory) -> dict[str, Any]:
     assert isinstance(ctx.executor, LocalExecutor)
     # The actors' thread count (num_cpus 1): on CPUs whose kernels split a reduction by thread (AVX-512 /
     # AMX builds do), another count sums float32 in another order and the last digit of a reward differs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         out = _run(ctx)
-    finally:
-        torch.set_num_threads(threads)
     # Something to compare: at least two chunks of pairs (how many pairs the 4 trees give depends on the
     # sampled continuations, so the count follows the pool instead of a fixed number).
     n_pairs = out["pairs"].count(b"\n")

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-import torch
 
 from dits.engine.base import Completion, Engine, SamplingParams, ScoredCompletion, View
 from dits.ledger import Ledger
@@ -27,6 +26,7 @@ from dits.search.textdist import normalized_distance
 from dits.search.tree import ROOT_ID, Tree
 from dits.seeding import derive_seed
 from dits.tasks.example import Example
+from tests.threads import one_torch_thread
 
 UTTERANCES = {
     0: [
@@ -302,10 +302,6 @@ def real_run(engine, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(DialogueRollouter, "__call__", recorded)
-    # One intra-op thread: on a shared 2-core machine OpenMP's synchronisation makes the many small decode
-    # ops 10-25x slower with two threads (measured); restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     examples = make_builtin("facts", "train", 2, seed=0, hops=1, n_distractor=0)
     cfg = parse_config(
         {
@@ -318,10 +314,10 @@ def real_run(engine, tmp_path_factory):
     # tau (0.4) and sibling gaps are often < 0.2: lowered here, the test checks the plumbing, not the model.
     pair_cfg = PairConfig(tau=-10.0, min_gap=0.0)
     try:
-        summary = grow_pool(counting, examples, cfg, out, shard_size=2, progress=False, pairs=pair_cfg)
+        with one_torch_thread():
+            summary = grow_pool(counting, examples, cfg, out, shard_size=2, progress=False, pairs=pair_cfg)
     finally:
         mp.undo()
-        torch.set_num_threads(threads)
     return {
         "summary": summary,
         "examples": {ex.id: ex for ex in examples},

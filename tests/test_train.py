@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dits.records import PreferencePair
+from tests.threads import one_torch_thread
 
 V_SUM = [
     {"role": "system", "content": "You are Alice. Give the answer as <A>answer</A>."},
@@ -58,12 +59,8 @@ SFT_ROWS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """One intra-op thread for these tests: on a CPU shared with other jobs, torch's default threads spin
-    against each other (measured: 5 min for this file instead of 30 s). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def _name(tag: str) -> str:
