@@ -275,7 +275,6 @@ def test_guided_synthesize_on_the_embedded_model(engine, tmp_path) -> None:
     """λ ≠ 0 through the search stage: θ is the base model, probed by a fresh LoRA that is added beside
     it (inactive, so rollouts still run on the base) and removed at the end; pairs are rendered and scored
     by the gradient estimator on the run's validation tasks, and its cost lands in the ledger."""
-
     from dits.influence.inputs import PROBE_ADAPTER
     from dits.tasks.builtin import make_builtin
 
