@@ -62,3 +62,19 @@ def test_tasks_for_inverts_spearman_brown() -> None:
     k = fid.tasks_for(rel, g, 0.75) / g
     assert k * rel / (1 + (k - 1) * rel) == pytest.approx(0.75)
     assert fid.tasks_for(0.0, g, 0.6) is None
+
+
+def test_spearman_interval_brackets_the_estimate_and_follows_the_ranks() -> None:
+    rng = random.Random(1)
+    truth = [rng.gauss(0, 1) for _ in range(24)]
+    # Agreeing in rank and reversing it: every resample's rho is 1 (or −1), up to scipy's rounding.
+    assert fid.spearman_interval([3 * t + 1 for t in truth], truth) == pytest.approx((1.0, 1.0), abs=1e-12)
+    assert fid.spearman_interval([-t for t in truth], truth) == pytest.approx((-1.0, -1.0), abs=1e-12)
+    noisy = [t + rng.gauss(0, 1) for t in truth]
+    low, high = fid.spearman_interval(noisy, truth)
+    assert low < fid.spearman(noisy, truth) < high
+    # Only the ranks matter: a monotone transform of either side leaves the interval unchanged.
+    assert fid.spearman_interval([x**3 for x in noisy], truth) == (low, high)
+    # A hand count: with N = 2 every non-constant resample is the two points, whose rho is 1.
+    assert fid.spearman_interval([0.0, 1.0], [5.0, 7.0], resamples=50) == pytest.approx((1.0, 1.0), abs=1e-12)
+    assert fid.spearman_interval([1.0, 1.0], [5.0, 7.0]) is None
