@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--train-tasks", type=int, default=16, help="tasks every arm searches (one tree each)")
     ap.add_argument("--val-tasks", type=int, default=8, help="dev tasks the guide's Î is measured on")
     ap.add_argument("--samples", type=int, default=2, help="K sampled conversations per dev task")
-    ap.add_argument("--estimator", choices=["likelihood", "gradient"], default="gradient")
+    ap.add_argument("--estimator", choices=["likelihood", "gradient", "retention"], default="gradient")
     ap.add_argument("--influence-lr", type=float, default=5e-5)
     ap.add_argument("--test-tasks", type=int, default=128)
     ap.add_argument("--explore", type=int, default=4, help="≥ 2: step 0 always selects the root")

@@ -62,7 +62,7 @@ from dits.train.step import one_step
 from selection_quality import Checkpoints
 
 log = logging.getLogger("influence_fidelity")
-ESTIMATORS = ("rollout", "likelihood", "gradient")
+ESTIMATORS = ("rollout", "likelihood", "gradient", "retention")
 _NOT_RESULTS = frozenset({"threads", "work_dir", "progress", "estimators"})
 """Arguments that change no checkpointed result (each estimator's scores are a checkpoint of their own)."""
 

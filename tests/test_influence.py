@@ -3,7 +3,8 @@
 What is checked: a step of size zero gives exactly zero influence (every estimator); the adapter is restored
 bit for bit after each candidate; the likelihood estimate equals an importance-weighted average computed
 here by hand (manual unpadded forwards, weights in plain Python); the gradient estimate is the derivative
-of the likelihood estimate along an SGD step (finite difference). The metric is a hash of the conversation
+of the likelihood estimate along an SGD step (finite difference), and the retention estimate that of the
+metric-weighted log-likelihood of the greedy conversations. The metric is a hash of the conversation
 text in [0, 1): the model is too small to solve tasks, and a metric that varies between samples is what
 makes the weights matter.
 """
@@ -152,9 +153,11 @@ def test_rollout_zero_step_is_zero_and_adapter_restored_bit_for_bit(engine, adap
     assert engine.active_adapter == active
 
 
-def test_zero_step_is_exactly_zero_for_likelihood_and_gradient(engine, adapter, likelihood, gradient, chunks):
+def test_zero_step_is_exactly_zero_for_the_cheap_estimators(
+    engine, adapter, likelihood, gradient, retention, chunks
+):
     before = _adapter_state(engine, adapter)
-    for est in (likelihood, gradient):
+    for est in (likelihood, gradient, retention):
         [s] = _with_lr(est, 0.0).score(chunks[:1])
         assert s.score == 0.0, est.name
     [s] = _with_lr(gradient, 1.0).score(chunks[:1])
@@ -244,6 +247,49 @@ def test_gradient_matches_finite_difference_of_likelihood(likelihood, gradient, 
     # The gradient score is linear in lr.
     [scaled] = _with_lr(gradient, 2 * EPS).score(chunks[:1])
     assert scaled.score == pytest.approx(2 * first[0].score, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def retention(engine, adapter, val_examples) -> InfluenceEstimator:
+    return _prepared(engine, adapter, val_examples, "retention", optimizer="sgd")
+
+
+def test_retention_is_the_derivative_of_the_metric_weighted_greedy_likelihood(
+    engine, adapter, val_examples, retention, chunks
+):
+    """Its conversations are the greedy ones, and for an SGD step its score is the first-order change of
+    (1/V) Σ_t m_t · log π(greedy conversation t): a Richardson-extrapolated finite difference of that sum,
+    log π by hand (unpadded forwards at temperature 1). The unweighted sum's change differs, so the metric
+    weights are what the score follows."""
+    from dits.mas.dialogue import run_dialogues
+    from dits.train.step import one_step
+
+    previous = engine.active_adapter
+    engine.set_adapter(adapter)
+    try:
+        greedy = run_dialogues(engine, val_examples, PROTOCOL, temperature=0.0)
+        assert [c.transcript for c in retention.cache] == greedy  # type: ignore[attr-defined]
+        metrics = [hash_metric(ex, tr) for ex, tr in zip(val_examples, greedy, strict=True)]
+
+        def logps() -> list[float]:
+            return [_manual_logp(engine, ex, tr) for ex, tr in zip(val_examples, greedy, strict=True)]
+
+        base = logps()
+        change: dict[float, list[float]] = {}
+        for lr in (EPS, 2 * EPS):
+            with one_step(engine, adapter, chunks[0], lr=lr, beta=0.1, optimizer="sgd"):
+                engine.set_adapter(adapter)
+                change[lr] = [a - b for a, b in zip(logps(), base, strict=True)]
+    finally:
+        engine.set_adapter(previous)
+    first = [2 * a - b / 2 for a, b in zip(change[EPS], change[2 * EPS], strict=True)]
+    weighted = sum(m * d for m, d in zip(metrics, first, strict=True)) / len(first)
+    unweighted = sum(first) / len(first)
+    [s] = _with_lr(retention, EPS).score(chunks[:1])
+    assert abs(s.score) > 1e-5
+    assert s.score == pytest.approx(weighted, rel=FD_TOLERANCE)
+    assert abs(unweighted - weighted) > 3 * FD_TOLERANCE * abs(weighted)
+    assert retention.baseline == pytest.approx(sum(metrics) / len(metrics))
 
 
 def test_projected_gradient_is_seeded_and_zero_at_lr0(gradient, chunks):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dits.influence.base import InfluenceConfig, InfluenceEstimator, MetricFn, chunk_pairs, default_metric
 from dits.influence.gradient import GradientEstimator
 from dits.influence.likelihood import LikelihoodEstimator
+from dits.influence.retention import RetentionEstimator
 from dits.influence.rollout import RolloutEstimator
 from dits.records import Cost, InfluenceScore, pair_key
 
@@ -21,6 +22,7 @@ __all__ = [
     "InfluenceScore",
     "LikelihoodEstimator",
     "MetricFn",
+    "RetentionEstimator",
     "RolloutEstimator",
     "chunk_pairs",
     "default_metric",
@@ -32,6 +34,7 @@ _ESTIMATORS: dict[str, type[InfluenceEstimator]] = {
     "rollout": RolloutEstimator,
     "likelihood": LikelihoodEstimator,
     "gradient": GradientEstimator,
+    "retention": RetentionEstimator,
 }
 
 

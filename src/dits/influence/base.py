@@ -39,14 +39,16 @@ class InfluenceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    estimator: Literal["rollout", "likelihood", "gradient"] = "rollout"
+    estimator: Literal["rollout", "likelihood", "gradient", "retention"] = "rollout"
     chunk_size: int = Field(5, ge=1, description="c: pairs per candidate (one DPO step on the whole chunk)")
     lr: float = Field(5e-5, ge=0)
     beta: float = Field(0.1, gt=0, description="the probe step's DPO β (run config: train.dpo.beta if unset)")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     val_tasks: int = Field(20, ge=1, description="V: validation tasks M averages over")
     samples_per_task: int = Field(
-        4, ge=1, description="K: sampled conversations per task (likelihood, gradient)"
+        4,
+        ge=1,
+        description="K: sampled conversations per task (likelihood, gradient; retention uses the one greedy)",
     )
     temperature: float = Field(0.7, gt=0, description="sampling temperature of the K cached conversations")
     projection_dim: int | None = Field(

@@ -87,12 +87,18 @@ class GradientEstimator(LikelihoodEstimator):
             m = torch.tensor([self.cache[i].metric for i in idx], dtype=torch.float64)
             adv = (m - m.mean()) / (len(idx) * n_tasks)
             weights.update((i, float(a)) for i, a in zip(idx, adv.tolist(), strict=True) if a != 0)
+        self._set_validation_gradient(weights, self.cfg.temperature)
+        self.baseline = 0.0
+
+    def _set_validation_gradient(self, weights: dict[int, float], temperature: float) -> None:
+        """``g = ∇ Σ_i w_i log π(conversation i)`` over the cached conversations, ``log π`` at
+        ``temperature``; then the projection state is reset (a new g)."""
         with self._grad_on_adapter() as params:
             grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
             # g = ∇ Σ_i a_i Σ_turns log π(turn): linear in the turns, so summed over batches of dialogues.
             for prefix, batch in self._dialogue_batches(weights):
                 scored = self.engine.score_turns(
-                    [d.turns for _, d in batch], prefix, keep_graph=True, temperature=self.cfg.temperature
+                    [d.turns for _, d in batch], prefix, keep_graph=True, temperature=temperature
                 )
                 terms = [
                     a * sc.tensor.sum()
@@ -110,7 +116,6 @@ class GradientEstimator(LikelihoodEstimator):
         self._projections: dict[str, torch.Tensor] = {}
         self._projection_key: tuple[int, int] | None = None
         self._val_proj: torch.Tensor | None = None
-        self.baseline = 0.0
 
     def _project(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
         """``P·vec / sqrt(d)``; matrices made on first use (and anew when ``projection_dim`` or the seed

@@ -54,7 +54,7 @@ class GuideConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lam: float = Field(0.0, allow_inf_nan=False, description="λ in Q + λ·Î; 0 is the Q-value search, exactly")
-    estimator: Literal["likelihood", "gradient"] = Field(
+    estimator: Literal["likelihood", "gradient", "retention"] = Field(
         "gradient", description="the cheap estimator that scores pairs during the search"
     )
     every: int = Field(1, ge=1, description="re-estimate Î after every this many selection steps")

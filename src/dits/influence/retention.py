@@ -1,0 +1,44 @@
+"""The retention estimator: does the step keep the validation conversations the model already gets right?
+
+Once under θ: the V greedy validation conversations (what :class:`~dits.influence.rollout.RolloutEstimator`
+measures its baseline on) and their metrics ``m_t``; then ``g = ∇ (1/V) Σ_t m_t · log π(conv_t)`` on the
+adapter's tensors (log π at temperature 1: greedy decoding follows the untempered argmax). Per candidate,
+as :class:`~dits.influence.gradient.GradientEstimator`: ``u`` = the step on z, and ``I(z) ≈ u·g``, the
+first-order change of the metric-weighted log-likelihood of the conversations that score.
+
+Why not the gradient of the metric itself: the greedy metric has none, and the gradient estimator's
+stand-in (the policy gradient of K sampled conversations at T 0.7) did not rank chunks against the greedy
+ground truth (``benchmarks/influence_fidelity.py``: Spearman −0.20 at c 5, −0.05 at c 1). A probe step
+mostly changes the greedy metric by moving greedy paths off their argmax; a path that scores is lost when
+the step lowers its likelihood, and one that fails is seldom fixed by a step not aimed at it. So how much
+the step lowers the scoring paths' likelihood ranks its harm, and this estimator ranked chunks better than
+rollout itself there (0.80 vs 0.70 at c 5, 0.72 vs 0.43 at c 1). The score is in nats per task, not in
+metric units: it ranks candidates (selection min-max normalises it), and its sign is not ΔM's.
+"""
+
+from __future__ import annotations
+
+from dits.influence.gradient import GradientEstimator
+from dits.influence.likelihood import CachedConversation, speaker_dialogues
+from dits.mas.dialogue import run_dialogues
+
+__all__ = ["RetentionEstimator"]
+
+
+class RetentionEstimator(GradientEstimator):
+    name = "retention"
+
+    def _prepare(self) -> None:
+        transcripts = run_dialogues(self.engine, self.examples, self.protocol, temperature=0.0)
+        self.cache = [
+            CachedConversation(t, tr, float(self.metric_fn(ex, tr)), 0.0)
+            for t, (ex, tr) in enumerate(zip(self.examples, transcripts, strict=True))
+        ]
+        self._dialogues = [
+            speaker_dialogues(ex, tr, self.protocol)
+            for ex, tr in zip(self.examples, transcripts, strict=True)
+        ]
+        n = len(self.cache)
+        weights = {i: c.metric / n for i, c in enumerate(self.cache) if c.metric != 0}
+        self._set_validation_gradient(weights, temperature=1.0)
+        self.baseline = sum(c.metric for c in self.cache) / n
