@@ -11,14 +11,14 @@ conversation per task) on each of G validation tasks, the SAME seeds before and 
 random numbers: a conversation changes only where the step changes a sampled token). The G ground-truth
 tasks are dev tasks disjoint from the V tasks the estimators see, so an estimator is judged on the
 validation distribution, not on its own sample. Then each estimator
-(``rollout``, ``likelihood``, ``gradient``), prepared once on the V tasks from the same θ, scores the same
+(``rollout``, ``likelihood``, ``gradient``, ``retention``), prepared once on the V tasks from the same θ, scores the same
 chunks with the same step (optimizer, lr, β).
 
 Prints one JSON object: per estimator the Spearman correlation with the ground truth (and its bootstrap
 interval over the candidates), the agreement on the top half (share of the ground truth's top N/2 chunks
 the estimator also puts in its top half), and the cost
 (ledger FLOPs and seconds, preparation included), plus ``cost_ratio_vs_rollout`` (FLOPs and seconds, and the
-FLOPs of one more candidate, preparation left out) for ``likelihood`` and ``gradient``; and, for the ground
+FLOPs of one more candidate, preparation left out) for every estimator but ``rollout``; and, for the ground
 truth itself, a split-half Spearman (its G tasks in two halves) and the whole's Spearman-Brown reliability:
 how much rank signal the ground truth holds at all (``has_signal``: split-half ≥ 0.6; below it, the
 estimators' correlations are mostly noise).

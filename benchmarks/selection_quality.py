@@ -367,6 +367,12 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=2, help="c: pairs per influence candidate")
     ap.add_argument("--samples", type=int, default=4, help="K samples per dev task (likelihood, gradient)")
     ap.add_argument("--influence-lr", type=float, default=None, help="probe step lr; default: --dpo-lr")
+    ap.add_argument(
+        "--step-geometry",
+        choices=["sgd", "optimizer"],
+        default=None,
+        help="gradient/retention estimators' first-order step (default: InfluenceConfig's, sgd)",
+    )
     ap.add_argument("--ratio", type=float, default=0.5, help="share of the pool kept (all but all)")
     ap.add_argument("--weight", type=float, default=1.0, help="w in norm(Q) + w*norm(I)")
     ap.add_argument("--dpo-steps", type=int, default=4, help="optimizer steps, the same for every strategy")
@@ -422,6 +428,7 @@ def main() -> None:
             val_tasks=args.val_tasks,
             samples_per_task=args.samples,
             seed=seed,
+            **({"step_geometry": args.step_geometry} if args.step_geometry else {}),
         )
         log.info("seed %d: influence of %d pairs (%s)", seed, len(pairs), icfg.estimator)
         scored = ckpt.get(f"seed_{seed}/influence", influence_record, engine, pairs, cfg, icfg, seed)
