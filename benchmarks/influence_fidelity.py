@@ -10,9 +10,9 @@ with M_S the mean task metric of S sampled conversations (``--gt-temperature``, 
 conversation per task) on each of G validation tasks, the SAME seeds before and after the step (common
 random numbers: a conversation changes only where the step changes a sampled token). The G ground-truth
 tasks are dev tasks disjoint from the V tasks the estimators see, so an estimator is judged on the
-validation distribution, not on its own sample. Then each estimator
-(``rollout``, ``likelihood``, ``gradient``, ``retention``), prepared once on the V tasks from the same θ, scores the same
-chunks with the same step (optimizer, lr, β).
+validation distribution, not on its own sample. Then each estimator (``rollout``, ``likelihood``,
+``gradient``, ``retention``), prepared once on the V tasks from the same θ, scores the same chunks with the
+same step (optimizer, lr, β).
 
 Prints one JSON object: per estimator the Spearman correlation with the ground truth (and its bootstrap
 interval over the candidates), the agreement on the top half (share of the ground truth's top N/2 chunks

@@ -14,8 +14,9 @@ only in where the extra compute went.
 
 Prints one JSON object: per strategy the test metric with a 95% bootstrap interval (over test tasks, pooled
 over seeds), communication tokens per task, pairs kept, and ledger FLOPs (synthesis + influence where the
-strategy uses it, or the extra search for ``q-budget``, + training), per seed and pooled; ``mix_minus_q``
-and ``mix_minus_q_budget`` with paired bootstrap intervals over every (seed, test task).
+strategy uses it, or the extra search for ``q-budget``, + training), per seed and pooled; ``mix_minus_q``,
+``mix_minus_q_budget``, and (does influence beat chance?) ``influence_minus_random`` and
+``mix_minus_random``, with paired bootstrap intervals over every (seed, test task).
 
 With several ``--seed`` values each seed grows its own pool (``--shared-pool``: one pool from the first
 seed, the seeds then vary influence chunking, random selection and training only). Everything runs in this
@@ -493,6 +494,8 @@ def main() -> None:
         "strategies": strategies,
         "mix_minus_q": _paired(per_seed["mix"], per_seed["q"]),
         "mix_minus_q_budget": _paired(per_seed["mix"], per_seed["q-budget"]),
+        "influence_minus_random": _paired(per_seed["influence"], per_seed["random"]),
+        "mix_minus_random": _paired(per_seed["mix"], per_seed["random"]),
         "pools": [_public(p) for p in pools],
         "influence": influence,
         "seconds": time.perf_counter() - t_start,

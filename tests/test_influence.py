@@ -292,6 +292,18 @@ def test_retention_is_the_derivative_of_the_metric_weighted_greedy_likelihood(
     assert retention.baseline == pytest.approx(sum(metrics) / len(metrics))
 
 
+def test_retention_with_no_scoring_conversation_warns_and_scores_zero(
+    engine, adapter, val_examples, chunks, caplog
+):
+    """With nothing solved there is nothing to keep: every score is exactly 0 (a tie), and the log says so
+    instead of letting selection rank by ties silently."""
+    est = make_estimator(InfluenceConfig(estimator="retention", val_tasks=2, lr=1.0), lambda ex, tr: 0.0)
+    with caplog.at_level("WARNING", logger="dits.influence.retention"):
+        est.prepare(engine, adapter, val_examples, PROTOCOL)
+    assert "none of the 2 greedy validation conversations scores" in caplog.text
+    assert [s.score for s in est.score(chunks)] == [0.0, 0.0]
+
+
 def test_projected_gradient_is_seeded_and_zero_at_lr0(gradient, chunks):
     exact = _with_lr(gradient, 1.0).score(chunks[:1])[0].score
     gradient.cfg = gradient.cfg.model_copy(update={"projection_dim": 8, "lr": 0.0})

@@ -14,15 +14,24 @@ the step lowers its likelihood, and one that fails is seldom fixed by a step not
 the step lowers the scoring paths' likelihood ranks its harm, and this estimator ranked chunks better than
 rollout itself there (0.80 vs 0.70 at c 5, 0.72 vs 0.43 at c 1). The score is in nats per task, not in
 metric units: it ranks candidates (selection min-max normalises it), and its sign is not ΔM's.
+
+What it does not do: make the pairs it ranks first better training data. In
+``benchmarks/selection_quality.py`` (133 pairs, 24 DPO steps, 3 seeds) they trained no better than random
+ones: one step's effect is not many steps' value, and the pairs that disturb the model least may be the
+ones it has least to learn from (their DPO loss ended lower than random pairs').
 """
 
 from __future__ import annotations
+
+import logging
 
 from dits.influence.gradient import GradientEstimator
 from dits.influence.likelihood import CachedConversation, speaker_dialogues
 from dits.mas.dialogue import run_dialogues
 
 __all__ = ["RetentionEstimator"]
+
+log = logging.getLogger(__name__)
 
 
 class RetentionEstimator(GradientEstimator):
@@ -40,5 +49,11 @@ class RetentionEstimator(GradientEstimator):
         ]
         n = len(self.cache)
         weights = {i: c.metric / n for i, c in enumerate(self.cache) if c.metric != 0}
+        if not weights:
+            log.warning(
+                "retention: none of the %d greedy validation conversations scores, so every candidate "
+                "scores 0 (ties); use more influence.val_tasks or another estimator",
+                n,
+            )
         self._set_validation_gradient(weights, temperature=1.0)
         self.baseline = sum(c.metric for c in self.cache) / n
