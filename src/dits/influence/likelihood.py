@@ -105,6 +105,12 @@ class LikelihoodEstimator(InfluenceEstimator):
         transcripts = run_dialogues(
             self.engine, examples, self.protocol, temperature=self.cfg.temperature, seeds=seeds
         )
+        self._cache(transcripts, k)
+
+    def _cache(self, transcripts: Sequence[Transcript], k: int) -> None:
+        """Keep ``k`` conversations per validation task (in task order) with their metrics and their
+        speaker dialogues (what scoring them needs)."""
+        examples = [ex for ex in self.examples for _ in range(k)]
         self.cache = [
             CachedConversation(i // k, tr, float(self.metric_fn(ex, tr)), 0.0)
             for i, (ex, tr) in enumerate(zip(examples, transcripts, strict=True))

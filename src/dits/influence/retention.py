@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 
 from dits.influence.gradient import GradientEstimator
-from dits.influence.likelihood import CachedConversation, speaker_dialogues
 from dits.mas.dialogue import run_dialogues
 
 __all__ = ["RetentionEstimator"]
@@ -38,15 +37,7 @@ class RetentionEstimator(GradientEstimator):
     name = "retention"
 
     def _prepare(self) -> None:
-        transcripts = run_dialogues(self.engine, self.examples, self.protocol, temperature=0.0)
-        self.cache = [
-            CachedConversation(t, tr, float(self.metric_fn(ex, tr)), 0.0)
-            for t, (ex, tr) in enumerate(zip(self.examples, transcripts, strict=True))
-        ]
-        self._dialogues = [
-            speaker_dialogues(ex, tr, self.protocol)
-            for ex, tr in zip(self.examples, transcripts, strict=True)
-        ]
+        self._cache(run_dialogues(self.engine, self.examples, self.protocol, temperature=0.0), 1)
         n = len(self.cache)
         weights = {i: c.metric / n for i, c in enumerate(self.cache) if c.metric != 0}
         if not weights:
