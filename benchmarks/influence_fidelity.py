@@ -48,7 +48,14 @@ from scipy.stats import spearmanr
 from dits.artifacts import read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
-from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_estimator, pair_key
+from dits.influence import (
+    ESTIMATOR_NAMES,
+    InfluenceConfig,
+    InfluenceScore,
+    chunk_pairs,
+    make_estimator,
+    pair_key,
+)
 from dits.influence.base import metered
 from dits.influence.inputs import probe_adapter
 from dits.mas.dialogue import run_dialogues
@@ -62,7 +69,6 @@ from dits.train.step import one_step
 from selection_quality import Checkpoints
 
 log = logging.getLogger("influence_fidelity")
-ESTIMATORS = ("rollout", "likelihood", "gradient", "retention")
 _NOT_RESULTS = frozenset({"threads", "work_dir", "progress", "estimators"})
 """Arguments that change no checkpointed result (each estimator's scores are a checkpoint of their own)."""
 
@@ -284,7 +290,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--estimators",
-        default=",".join(ESTIMATORS),
+        default=",".join(ESTIMATOR_NAMES),
         help="which to run (rollout always runs), or none: the ground truth alone",
     )
     ap.add_argument("--work-dir", default=None, help="keep the pool and checkpoints here: a rerun resumes")
@@ -357,7 +363,8 @@ def main() -> None:
     # "none": the ground truth alone (sizing its step and tasks); otherwise rollout always runs (the
     # cost ratios are against it).
     wanted = args.estimators.split(",")
-    kinds = [] if wanted == ["none"] else [k for k in ESTIMATORS if k == "rollout" or k in wanted]
+    others = [k for k in ESTIMATOR_NAMES if k != "rollout" and k in wanted]
+    kinds = [] if wanted == ["none"] else ["rollout", *others]
     for kind in kinds:
         got = ckpt.get(f"estimator_{kind}", run_estimator, engine, kind, theta, val, protocol, chunks, args)
         values = got["values"]

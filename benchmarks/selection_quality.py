@@ -42,7 +42,14 @@ from dits.artifacts import PAIRS_FILE, TREES_FILE, read_jsonl, write_json_atomic
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.evaluate import EvalRecord, bootstrap_ci, run_method, summarize
-from dits.influence import InfluenceConfig, InfluenceScore, chunk_pairs, make_estimator, pair_key
+from dits.influence import (
+    ESTIMATOR_NAMES,
+    InfluenceConfig,
+    InfluenceScore,
+    chunk_pairs,
+    make_estimator,
+    pair_key,
+)
 from dits.ledger import LedgerCounts
 from dits.records import PreferencePair
 from dits.search.pairs import keep_count
@@ -362,9 +369,7 @@ def main() -> None:
         "--tau", type=float, default=None, help="pair threshold on Q(chosen) (default per dataset)"
     )
     ap.add_argument("--min-gap", type=float, default=None, help="pair threshold on Q gap; default 0.2")
-    ap.add_argument(
-        "--estimator", choices=["rollout", "likelihood", "gradient", "retention"], default="gradient"
-    )
+    ap.add_argument("--estimator", choices=ESTIMATOR_NAMES, default="gradient")
     ap.add_argument("--chunk-size", type=int, default=2, help="c: pairs per influence candidate")
     ap.add_argument("--samples", type=int, default=4, help="K samples per dev task (likelihood, gradient)")
     ap.add_argument("--influence-lr", type=float, default=None, help="probe step lr; default: --dpo-lr")

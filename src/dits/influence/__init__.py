@@ -15,6 +15,7 @@ from dits.influence.rollout import RolloutEstimator
 from dits.records import Cost, InfluenceScore, pair_key
 
 __all__ = [
+    "ESTIMATOR_NAMES",
     "Cost",
     "GradientEstimator",
     "InfluenceConfig",
@@ -36,6 +37,8 @@ _ESTIMATORS: dict[str, type[InfluenceEstimator]] = {
     "gradient": GradientEstimator,
     "retention": RetentionEstimator,
 }
+ESTIMATOR_NAMES: tuple[str, ...] = tuple(_ESTIMATORS)
+"""The values ``InfluenceConfig.estimator`` accepts (for command-line choices)."""
 
 
 def make_estimator(cfg: InfluenceConfig, metric_fn: MetricFn | None = None) -> InfluenceEstimator:
