@@ -24,8 +24,9 @@ Prints one JSON object: per arm the pool (trees, rollouts, pairs, FLOPs, seconds
 chosen responses over the pool and over the kept pairs, the mean metric of all rollouts), training (pairs,
 steps, loss) and the test metric with its interval, and the share of its trees whose selections differ
 from λ = 0's on the same task (the same selection seeds: 0 means the guide changed nothing); per guided arm
-the paired difference against ``lam_0`` on the same test tasks; ``best_lam``, chosen by the pool's
-chosen-response metric (not by the test metric, which would select on the test set).
+the paired difference against ``lam_0`` on the same test tasks (with ``--train-seed``, every arm is
+trained once per DPO seed and the difference is pooled over seeds and tasks); ``best_lam``, chosen by the
+pool's chosen-response metric (not by the test metric, which would select on the test set).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch
 from dits.artifacts import PAIRS_FILE, TREES_FILE, read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
-from dits.evaluate import paired_bootstrap
+from dits.evaluate import bootstrap_ci
 from dits.records import PreferencePair
 from dits.search.guided import InfluenceGuide
 from dits.search.tree import Tree
@@ -58,11 +59,12 @@ from dits.tasks.example import Example
 from dits.tasks.source import examples_for
 from dits.train.config import TrainConfig
 from dits.train.dpo import train_dpo
-from selection_quality import Checkpoints, _public, evaluate, flops
+from selection_quality import Checkpoints, _paired, _public, _seeds, evaluate, flops
 
 log = logging.getLogger("guided_search")
-_NOT_RESULTS = frozenset({"threads", "work_dir", "progress"})
-"""Arguments that change no result (unlike selection_quality's, the seed does here: no per-seed parts)."""
+_NOT_RESULTS = frozenset({"threads", "work_dir", "progress", "train_seed"})
+"""Arguments that change no result (unlike selection_quality's, the seed does here: no per-seed parts).
+``--train-seed`` is among them because each training seed's models have checkpoints of their own."""
 
 
 def run_config(args: argparse.Namespace, lam: float, train_tasks: int) -> RunConfig:
@@ -188,6 +190,11 @@ def main() -> None:
     )
     ap.add_argument("--lam", type=float, action="append", default=[], help="λ > 0, repeatable (default 1.0)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--train-seed", action="append", default=[],
+        help="DPO seeds (LoRA init, data order), repeatable or a list; each arm is trained once per seed and "
+        "the differences are pooled over (seed, test task) (default: --seed)",
+    )  # fmt: skip
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--train-tasks", type=int, default=16, help="tasks every arm searches (one tree each)")
     ap.add_argument("--val-tasks", type=int, default=8, help="dev tasks the guide's Î is measured on")
@@ -265,36 +272,43 @@ def main() -> None:
     if smallest == 0:
         raise SystemExit("a pool has no pairs: use more --train-tasks or --explore")
     keep = max(1, round(args.ratio * smallest))
-    tcfg = TrainConfig.model_validate(
-        {
-            "seed": args.seed,
-            "dpo": {
-                "lr": args.dpo_lr, "beta": args.beta, "batch_size": args.dpo_batch,
-                "grad_accum": args.dpo_accum, "max_steps": args.dpo_steps, "epochs": 1000,
-            },
-        }
-    )  # fmt: skip
+    train_seeds = _seeds(args.train_seed) if args.train_seed else [args.seed]
     log.info("evaluating the untrained model on %d test tasks", len(test))
     untrained = ckpt.get("untrained", evaluate, engine, test, cfg0, None)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in pools}
+    for seed in train_seeds:
+        tcfg = TrainConfig.model_validate(
+            {
+                "seed": seed,
+                "dpo": {
+                    "lr": args.dpo_lr, "beta": args.beta, "batch_size": args.dpo_batch,
+                    "grad_accum": args.dpo_accum, "max_steps": args.dpo_steps, "epochs": 1000,
+                },
+            }
+        )  # fmt: skip
+        for name, pool in pools.items():
+            # (--seed's models keep the name they had before --train-seed existed)
+            key = f"train_{name}" if seed == args.seed else f"train_{name}_seed{seed}"
+            runs[name].append(ckpt.get(key, train_arm, engine, name, pool, keep, tcfg, cfg0, test, root))
     arms: dict[str, dict[str, Any]] = {}
     for name, (trees, pairs) in pools.items():
-        trained = ckpt.get(
-            f"train_{name}", train_arm, engine, name, (trees, pairs), keep, tcfg, cfg0, test, root
-        )
+        entries = runs[name]
+        values = [v for e in entries for v in e["_values"]]
+        ci = bootstrap_ci(values)
         arms[name] = {
             "pool": {
                 **infos[name],
                 "chosen_metric": statistics.fmean(chosen_metrics(trees, pairs)),
-                "chosen_metric_kept": trained.pop("kept_metric"),
+                "chosen_metric_kept": entries[0]["kept_metric"],
                 "rollout_metric": statistics.fmean(r.metric for t in trees for r in t.rollouts),
             },
-            **trained,
+            "metric": ci.mean,  # over every (training seed, test task)
+            "ci95": [ci.low, ci.high],
+            "per_train_seed": [{k: v for k, v in _public(e).items() if k != "kept_metric"} for e in entries],
         }
     for name, arm in arms.items():
         if name != "lam_0":
-            assert arm["_ids"] == arms["lam_0"]["_ids"]
-            d = paired_bootstrap(arm["_values"], arms["lam_0"]["_values"])
-            arm["minus_lam_0"] = {"mean": d.mean, "ci95": [d.low, d.high]}
+            arm["minus_lam_0"] = _paired(runs[name], runs["lam_0"])
     plain = {t.task_id: t.selected for t in pools["lam_0"][0]}
     for name, (trees, _) in pools.items():  # did the guide change any selection? (same seeds as λ = 0)
         arms[name]["pool"]["selections_differ"] = statistics.fmean(
@@ -304,9 +318,15 @@ def main() -> None:
     best = max(guided, key=lambda a: arms[a]["pool"]["chosen_metric"])
     report = {
         "benchmark": "guided_search",
-        "settings": {**vars(args), "lam": lams, "t_norm": cal.t_norm, "keep": keep},
+        "settings": {
+            **vars(args),
+            "lam": lams,
+            "train_seed": train_seeds,
+            "t_norm": cal.t_norm,
+            "keep": keep,
+        },
         "untrained": _public(untrained),
-        "arms": {a: _public(e) for a, e in arms.items()},
+        "arms": arms,
         "best_lam": best,
         "best_minus_lam_0": arms[best]["minus_lam_0"],
         "seconds": time.perf_counter() - t_start,
