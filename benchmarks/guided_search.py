@@ -48,7 +48,6 @@ import torch
 from dits.artifacts import PAIRS_FILE, TREES_FILE, read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
-from dits.evaluate import bootstrap_ci
 from dits.records import PreferencePair
 from dits.search.guided import InfluenceGuide
 from dits.search.tree import Tree
@@ -59,7 +58,7 @@ from dits.tasks.example import Example
 from dits.tasks.source import examples_for
 from dits.train.config import TrainConfig
 from dits.train.dpo import train_dpo
-from selection_quality import Checkpoints, _paired, _public, _seeds, evaluate, flops
+from selection_quality import Checkpoints, _paired, _public, _seeds, evaluate, flops, pooled_metric
 
 log = logging.getLogger("guided_search")
 _NOT_RESULTS = frozenset({"threads", "work_dir", "progress", "train_seed"})
@@ -293,8 +292,6 @@ def main() -> None:
     arms: dict[str, dict[str, Any]] = {}
     for name, (trees, pairs) in pools.items():
         entries = runs[name]
-        values = [v for e in entries for v in e["_values"]]
-        ci = bootstrap_ci(values)
         arms[name] = {
             "pool": {
                 **infos[name],
@@ -302,8 +299,7 @@ def main() -> None:
                 "chosen_metric_kept": entries[0]["kept_metric"],
                 "rollout_metric": statistics.fmean(r.metric for t in trees for r in t.rollouts),
             },
-            "metric": ci.mean,  # over every (training seed, test task)
-            "ci95": [ci.low, ci.high],
+            **pooled_metric(entries),  # over every (training seed, test task)
             "per_train_seed": [{k: v for k, v in _public(e).items() if k != "kept_metric"} for e in entries],
         }
     for name, arm in arms.items():

@@ -272,13 +272,17 @@ def train_strategy(
     return {**entry, "_kept": sorted(pair_key(p) for p in kept)}
 
 
+def pooled_metric(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across seeds' evaluations of one method: the metric and its bootstrap interval over every (seed,
+    test task)."""
+    ci = bootstrap_ci([v for e in entries for v in e["_values"]])
+    return {"metric": ci.mean, "ci95": [ci.low, ci.high]}
+
+
 def _pooled(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Across seeds: the metric and its bootstrap interval over every (seed, test task), means of the rest."""
-    values = [v for e in entries for v in e["_values"]]
-    ci = bootstrap_ci(values)
+    """Across seeds: :func:`pooled_metric`, and means of the rest."""
     return {
-        "metric": ci.mean,
-        "ci95": [ci.low, ci.high],
+        **pooled_metric(entries),
         "comm_tokens": statistics.fmean(e["comm_tokens"] for e in entries),
         "pairs_kept": statistics.fmean(e["pairs_kept"] for e in entries),
         "flops": {
