@@ -48,6 +48,7 @@ import torch
 from dits.artifacts import PAIRS_FILE, TREES_FILE, read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
+from dits.engine.precision import DTYPES, resolve_dtype
 from dits.records import PreferencePair
 from dits.search.guided import InfluenceGuide
 from dits.search.tree import Tree
@@ -195,6 +196,7 @@ def main() -> None:
         "the differences are pooled over (seed, test task) (default: --seed)",
     )  # fmt: skip
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (auto: bf16 where native)")
     ap.add_argument("--train-tasks", type=int, default=16, help="tasks every arm searches (one tree each)")
     ap.add_argument("--val-tasks", type=int, default=8, help="dev tasks the guide's Î is measured on")
     ap.add_argument("--samples", type=int, default=2, help="K sampled conversations per dev task")
@@ -223,6 +225,7 @@ def main() -> None:
     )
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = ap.parse_args()
+    args.dtype = resolve_dtype(args.dtype)  # a work dir records the dtype it ran in
     lams = args.lam or [1.0]
     if any(lam <= 0 for lam in lams):
         raise SystemExit("--lam: the guided arms need λ > 0 (λ = 0 is always run)")
@@ -234,7 +237,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    engine = HFEngine(args.model)
+    engine = HFEngine(args.model, dtype=args.dtype)
     tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="dits-guided-")
     root = Path(args.work_dir or tmp.name)  # type: ignore[union-attr]
     # Pools resume tree by tree; pool figures, the untrained evaluation and each arm's training and

@@ -48,6 +48,7 @@ from scipy.stats import spearmanr
 from dits.artifacts import read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
+from dits.engine.precision import DTYPES, resolve_dtype
 from dits.influence import (
     ESTIMATOR_NAMES,
     InfluenceConfig,
@@ -258,6 +259,7 @@ def main() -> None:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (auto: bf16 where native)")
     ap.add_argument("--dataset", default="facts", help="a built-in task")
     ap.add_argument("--pairs", action="append", help="a pairs.jsonl pool, repeatable (default: synthesize)")
     ap.add_argument("--train-tasks", type=int, default=16, help="trees grown for the pool (no --pairs)")
@@ -296,13 +298,14 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="keep the pool and checkpoints here: a rerun resumes")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
+    args.dtype = resolve_dtype(args.dtype)  # a work dir records the dtype it ran in
     if args.gt_temperature == 0 and args.gt_samples != 1:
         raise SystemExit("--gt-temperature 0 is greedy: every sample would be the same; use --gt-samples 1")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    engine = HFEngine(args.model)
+    engine = HFEngine(args.model, dtype=args.dtype)
     tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="dits-fidelity-")
     work = Path(args.work_dir or tmp.name)  # type: ignore[union-attr]
     cfg = run_config(args)

@@ -41,6 +41,7 @@ import torch
 from dits.artifacts import PAIRS_FILE, TREES_FILE, read_jsonl, write_json_atomic
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
+from dits.engine.precision import DTYPES, resolve_dtype
 from dits.evaluate import EvalRecord, bootstrap_ci, run_method, summarize
 from dits.influence import (
     ESTIMATOR_NAMES,
@@ -317,6 +318,7 @@ class Checkpoints:
         path = root / "settings.json"
         if path.exists():
             old = json.loads(path.read_text())
+            old.setdefault("dtype", "float32")  # work dirs from before --dtype ran in float32
             changed = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
             if changed:
                 raise SystemExit(
@@ -360,6 +362,7 @@ def main() -> None:
     ap.add_argument("--seed", action="append", default=[], help="repeatable, or a list: --seed 0,1,2")
     ap.add_argument("--shared-pool", action="store_true", help="one pool (first seed) for every seed")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (auto: bf16 where native)")
     ap.add_argument("--dataset", default="facts", help="a built-in task (facts, arith)")
     ap.add_argument("--knobs", default=None, help="task difficulty knobs as JSON, e.g. '{\"hops\": 1}'")
     ap.add_argument("--train-tasks", type=int, default=8, help="tasks searched for the pool (one tree each)")
@@ -393,12 +396,13 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="keep pools and adapters here (default: a temp dir)")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = ap.parse_args()
+    args.dtype = resolve_dtype(args.dtype)  # a work dir records the dtype it ran in
     seeds = _seeds(args.seed)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    engine = HFEngine(args.model)
+    engine = HFEngine(args.model, dtype=args.dtype)
     tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="dits-selq-")
     root = Path(args.work_dir or tmp.name)  # type: ignore[union-attr]
 

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 def engine():
     from dits.engine.hf import HFEngine
 
-    return HFEngine("smollm2-135m", token_budget=8192, max_batch=16)
+    # float32: tests compare against independent float32 computations (bf16 is tested in test_precision)
+    return HFEngine("smollm2-135m", dtype="float32", token_budget=8192, max_batch=16)
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +25,9 @@ def vllm_engine():
         pytest.importorskip("vllm")
     from dits.engine.vllm import VLLMEngine, VLLMSettings
 
-    settings = VLLMSettings(kv_cache_gib=1.0, max_num_seqs=16, max_model_len=4096, max_lora_rank=8)
+    settings = VLLMSettings(
+        dtype="float32", kv_cache_gib=1.0, max_num_seqs=16, max_model_len=4096, max_lora_rank=8
+    )
     engine = VLLMEngine("smollm2-135m", settings)
     yield engine
     engine.close()

@@ -30,18 +30,29 @@ def make_engine(backend: str = "hf", model: str = "smollm2-135m", **kwargs: Any)
 
 
 def engine_from_config(
-    cfg: EngineConfig, *, model: str | None = None, ledger: Ledger | None = None, lora_rank: int = 16
+    cfg: EngineConfig,
+    *,
+    model: str | None = None,
+    ledger: Ledger | None = None,
+    lora_rank: int = 16,
+    trainable_base: bool = False,
 ) -> Engine:
     """The engine a config section names; ``model`` replaces its model (a full fine-tune's directory),
     ``ledger`` makes the new engine charge an existing account, ``lora_rank`` is the rank of the run's
-    adapters (what vLLM must serve unless ``engine.max_lora_rank`` says otherwise)."""
+    adapters (what vLLM must serve unless ``engine.max_lora_rank`` says otherwise), ``trainable_base``
+    says the run fine-tunes every weight (``hf`` then holds float32 master weights)."""
     kwargs: dict[str, Any] = {
         "dtype": cfg.dtype,
         "trust_remote_code": cfg.trust_remote_code,
         "ledger": ledger,
     }
     if cfg.backend == "hf":
-        kwargs.update(device=cfg.device, token_budget=cfg.token_budget, max_batch=cfg.max_batch)
+        kwargs.update(
+            device=cfg.device,
+            token_budget=cfg.token_budget,
+            max_batch=cfg.max_batch,
+            trainable_base=trainable_base,
+        )
     else:
         kwargs.update(
             device=cfg.device,
@@ -57,16 +68,17 @@ def engine_from_config(
 
 
 def policy_from_config(
-    cfg: EngineConfig, *, model: str | None = None, ledger: Ledger | None = None
+    cfg: EngineConfig, *, model: str | None = None, ledger: Ledger | None = None, trainable_base: bool = False
 ) -> TrainablePolicy:
     """The trainable side for a config whose generation backend cannot train (``vllm``): an ``hf`` engine
-    on the same model, dtype and device."""
+    on the same model, dtype and device (float32 master weights with ``trainable_base``)."""
     from dits.engine.hf import HFEngine
 
     return HFEngine(
         model or cfg.model,
         device=cfg.device,
         dtype=cfg.dtype,
+        trainable_base=trainable_base,
         token_budget=cfg.token_budget,
         max_batch=cfg.max_batch,
         trust_remote_code=cfg.trust_remote_code,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dits.engine.precision import resolve_dtype
 
 __all__ = ["BACKENDS", "EngineConfig"]
 
@@ -17,7 +19,12 @@ class EngineConfig(BaseModel):
     backend: Literal["hf", "vllm"] = "hf"
     model: str = "smollm2-135m"
     device: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="compute dtype; auto: bfloat16 where the device computes it natively (CUDA, a CPU with "
+        "AMX or AVX512-BF16), else float32. Resolved when the config is read, so a run records the dtype "
+        "it ran in. Trained weights stay float32 (dits.engine.precision)",
+    )
     token_budget: int = Field(32768, ge=256)
     max_batch: int = Field(64, ge=1)
     trust_remote_code: bool = False
@@ -33,6 +40,12 @@ class EngineConfig(BaseModel):
         "cost in proportion to it: rank 64 made decoding 6x slower than rank 8 here)",
     )
     max_loras: int = Field(1, ge=1, description="adapters vLLM runs in one batch (dits uses one at a time)")
+
+    @model_validator(mode="after")
+    def _resolve_dtype(self) -> EngineConfig:
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", resolve_dtype("auto", self.device))  # frozen: set once, here
+        return self
 
     def identity(self) -> dict[str, str]:
         """What decides the model's outputs (not its batching): part of every stage's inputs."""

@@ -20,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dits.engine.base import Completion, Engine, SamplingParams, ScoredCompletion, View
+from dits.engine.precision import HALF, autocast, resolve_device, resolve_dtype, weights_dtype
 from dits.engine.prompts import PromptEncoder, Span, chain_turns
 from dits.engine.shared_prefix import SharedPrefix, prefix_attention, suffix_mask
 from dits.ledger import Ledger
@@ -104,6 +105,11 @@ class HFEngine(Engine):
 
     ``token_budget`` bounds a micro-batch by rows × (longest prompt + new tokens), which bounds the KV cache;
     ``max_batch`` bounds rows. Rows are sorted by prompt length first (length bucketing) so padding is small.
+
+    ``dtype`` is the compute dtype (``auto``: :func:`~dits.engine.precision.resolve_dtype`). With
+    ``trainable_base`` (full fine-tuning) and a half-precision compute dtype the weights are held in float32
+    and every forward runs under autocast, so training updates them in full precision
+    (:mod:`dits.engine.precision`).
     """
 
     def __init__(
@@ -111,17 +117,24 @@ class HFEngine(Engine):
         model: str = "smollm2-135m",
         *,
         device: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
+        trainable_base: bool = False,
         token_budget: int = 32768,
         max_batch: int = 64,
         score_token_budget: int = 8192,
         ledger: Ledger | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = getattr(torch, dtype)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        """The compute dtype."""
+        self.weights_dtype = weights_dtype(self.dtype, trainable_base)
+        """The dtype the base weights are stored in (float32 master weights under full fine-tuning)."""
         self.base, self.tokenizer = load_model_and_tokenizer(
-            model, dtype=torch_dtype, device=self.device, trust_remote_code=trust_remote_code
+            model,
+            dtype=getattr(torch, self.weights_dtype),
+            device=self.device,
+            trust_remote_code=trust_remote_code,
         )
         self.model_ref = model
         self.model: torch.nn.Module = self.base
@@ -138,6 +151,21 @@ class HFEngine(Engine):
         self._cache_kw = (
             "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         )
+
+    def autocast(self) -> AbstractContextManager[object]:
+        """The precision a forward runs in: autocast to the compute dtype when the weights are wider."""
+        return autocast(self.device, self.dtype, self.weights_dtype)
+
+    def hold_master_weights(self) -> None:
+        if self.weights_dtype == "float32" or self.dtype not in HALF:
+            return
+        log.warning(
+            "full fine-tuning an engine that holds %s weights: upcasting them to float32 master weights "
+            "(build it with trainable_base=True to load them in float32)",
+            self.weights_dtype,
+        )
+        self.base.to(torch.float32)
+        self.weights_dtype = "float32"
 
     # ------------------------------------------------------------------ prompts
 
@@ -365,7 +393,8 @@ class HFEngine(Engine):
             return None
         cache = DynamicCache()
         ids = torch.tensor([list(prefix_ids)], device=self.device)
-        self.model(input_ids=ids, logits_to_keep=1, **{self._cache_kw: cache})
+        with self.autocast():
+            self.model(input_ids=ids, logits_to_keep=1, **{self._cache_kw: cache})
         return SharedPrefix.from_cache(cache)
 
     def _forward(
@@ -382,11 +411,12 @@ class HFEngine(Engine):
         kw: dict[str, Any] = {"position_ids": pos, "logits_to_keep": logits_to_keep}
         if cache is not None:
             kw[self._cache_kw] = cache
-        if prefix is None:
-            return self.model(input_ids=ids, attention_mask=attn, **kw).logits
-        with prefix_attention(self.base):
-            mask = suffix_mask(attn, ids.shape[1])
-            return self.model(input_ids=ids, attention_mask=mask, shared_prefix=prefix, **kw).logits
+        with self.autocast():
+            if prefix is None:
+                return self.model(input_ids=ids, attention_mask=attn, **kw).logits
+            with prefix_attention(self.base):
+                mask = suffix_mask(attn, ids.shape[1])
+                return self.model(input_ids=ids, attention_mask=mask, shared_prefix=prefix, **kw).logits
 
     @staticmethod
     def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,17 @@ class TrainablePolicy(Protocol):
     """The base model (full fine-tuning trains and saves this)."""
     model: torch.nn.Module
     """What runs: the base, or the PEFT wrapper around it when adapters are loaded."""
+    dtype: str
+    """The compute dtype (what training's autocast and the engine's forwards compute in)."""
+    weights_dtype: str
+    """The dtype the base weights are stored in."""
+
+    def autocast(self) -> AbstractContextManager[object]:
+        """The precision context of a forward (autocast to ``dtype`` when the weights are wider)."""
+
+    def hold_master_weights(self) -> None:
+        """Store the base weights in float32 from now on (full fine-tuning with a half compute dtype), so
+        that training updates are not rounded to the compute dtype."""
 
     @property
     def active_adapter(self) -> str | None: ...

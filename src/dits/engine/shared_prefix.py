@@ -73,17 +73,21 @@ def _attention(
     scale = scaling if scaling is not None else d**-0.5
     qg = query.reshape(b, hkv, g * q, d)
     # Prefix: all rows' queries against the one prefix, one (b·g·q × d) @ (d × P) matmul per KV head.
-    sp = torch.bmm(qg.transpose(0, 1).reshape(hkv, b * g * q, d), kp.transpose(1, 2)) * scale
+    # Scores, softmax and normaliser in float32 whatever the compute dtype, as eager attention upcasts its
+    # softmax: in bf16 the exponentials and their sum over a long prefix lose most of their digits. The
+    # products with V run in the compute dtype on the rounded weights (as eager's), the sum in float32.
+    sp = torch.bmm(qg.transpose(0, 1).reshape(hkv, b * g * q, d), kp.transpose(1, 2)).float() * scale
     sp = sp.view(hkv, b, g * q, p).transpose(0, 1)  # (b, hkv, g·q, P), a view
-    ss = torch.matmul(qg, key.transpose(2, 3)) * scale  # (b, hkv, g·q, S)
+    ss = torch.matmul(qg, key.transpose(2, 3)).float() * scale  # (b, hkv, g·q, S)
     mask = attention_mask[:, :, None].expand(b, 1, g, q, ss.shape[-1]).reshape(b, 1, g * q, ss.shape[-1])
     ss = ss.masked_fill(~mask, float("-inf"))
     top = torch.maximum(sp.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))  # finite: P ≥ 1
     ep, es = (sp - top).exp(), (ss - top).exp()
     denom = ep.sum(-1, keepdim=True) + es.sum(-1, keepdim=True)
+    ep, es = ep.to(vp.dtype), es.to(value.dtype)
     out_p = torch.bmm(ep.transpose(0, 1).reshape(hkv, b * g * q, p), vp)
-    out = (out_p.view(hkv, b, g * q, d).transpose(0, 1) + torch.matmul(es, value)) / denom
-    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+    out = (out_p.view(hkv, b, g * q, d).transpose(0, 1).float() + torch.matmul(es, value).float()) / denom
+    return out.to(query.dtype).reshape(b, h, q, d).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(IMPLEMENTATION, _attention)

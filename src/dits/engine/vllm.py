@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dits.engine.base import Completion, Engine, SamplingParams, ScoredCompletion, View
+from dits.engine.precision import resolve_device, resolve_dtype
 from dits.engine.prompts import PromptEncoder
 from dits.ledger import Ledger
 from dits.models import resolve_model
@@ -52,7 +53,8 @@ class VLLMSettings:
 
     device: str | None = None
     """``cpu`` or ``cuda``; None: CUDA when torch sees a GPU."""
-    dtype: str = "float32"
+    dtype: str = "auto"
+    """Compute dtype; ``auto`` as :func:`dits.engine.precision.resolve_dtype` decides for the device."""
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     kv_cache_gib: float = 2.0
@@ -74,9 +76,7 @@ class VLLMEngine(Engine):
         self, model: str = "smollm2-135m", settings: VLLMSettings | None = None, ledger: Ledger | None = None
     ) -> None:
         s = settings or VLLMSettings()
-        import torch
-
-        device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(s.device)
         # vLLM runs its engine core in a worker process (started with spawn: a script that builds this
         # engine needs an ``if __name__ == "__main__":`` guard). Not in-process: on a CPU, vLLM's worker
         # pins torch to one thread in the process it runs in, which halved its own decode speed here and
@@ -105,7 +105,7 @@ class VLLMEngine(Engine):
         self.llm = LLM(
             model=path,
             tokenizer=path,
-            dtype=s.dtype,
+            dtype=resolve_dtype(s.dtype, device),
             seed=0,
             trust_remote_code=s.trust_remote_code,
             tensor_parallel_size=s.tensor_parallel_size,

@@ -28,6 +28,7 @@ from dits.artifacts import StageManifest, digest, file_digest, run_stage
 from dits.config import RunConfig
 from dits.engine import Engine, engine_from_config, policy_from_config
 from dits.engine.policy import TrainablePolicy
+from dits.engine.precision import HALF
 from dits.executor import Executor, LocalExecutor
 from dits.influence.inputs import probe_adapter
 from dits.ledger import Ledger
@@ -69,7 +70,10 @@ class ModelRef(BaseModel):
 
     @classmethod
     def base(cls, cfg: RunConfig) -> ModelRef:
-        return cls(kind="base", digest=digest({**cfg.engine.identity(), "seed": cfg.seed}))
+        identity: dict[str, Any] = {**cfg.engine.identity(), "seed": cfg.seed}
+        if cfg.train.full_finetune and cfg.engine.backend == "hf" and cfg.engine.dtype in HALF:
+            identity["weights"] = "float32"  # master weights under autocast: not the same numerics
+        return cls(kind="base", digest=digest(identity))
 
     @classmethod
     def adapter_dir(cls, path: str | Path) -> ModelRef:
@@ -112,6 +116,8 @@ class EngineHolder:
         self._initial: Engine | None = None
         self._separate = cfg.engine.backend != "hf"
         """Generation and training on different engines (``vllm``)."""
+        self._full = cfg.train.full_finetune
+        """Full fine-tuning: the trainable side holds float32 master weights (dits.engine.precision)."""
         self._policy: TrainablePolicy | None = None
         self._policy_path: str | None = None
 
@@ -132,7 +138,7 @@ class EngineHolder:
         if self._initial is None:
             ledger = self.engine.ledger
             self._initial = (
-                policy_from_config(self.cfg.engine, ledger=ledger)  # scoring only: no second vLLM
+                policy_from_config(self.cfg.engine, ledger=ledger, trainable_base=self._full)  # scoring only
                 if self._separate
                 else self._build(None, ledger)
             )
@@ -150,7 +156,9 @@ class EngineHolder:
 
     def _build(self, model: str | None, ledger: Ledger | None) -> Engine:
         rank = self.cfg.train.lora.r
-        return engine_from_config(self.cfg.engine, model=model, ledger=ledger, lora_rank=rank)
+        return engine_from_config(
+            self.cfg.engine, model=model, ledger=ledger, lora_rank=rank, trainable_base=self._full
+        )
 
     def _serve(self, path: str | None) -> Engine:
         """The generation engine, on the weights at ``path`` (None: the initial model)."""
@@ -190,7 +198,9 @@ class EngineHolder:
             return self.activate(ref)  # type: ignore[return-value]
         want = ref.path if ref.kind == "full" else None
         if self._policy is None or self._policy_path != want:
-            self._policy = policy_from_config(self.cfg.engine, model=want, ledger=self.engine.ledger)
+            self._policy = policy_from_config(
+                self.cfg.engine, model=want, ledger=self.engine.ledger, trainable_base=self._full
+            )
             self._policy_path = want
         self._use(self._policy, ref)  # type: ignore[arg-type]
         return self._policy

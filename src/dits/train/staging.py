@@ -115,7 +115,8 @@ def staged_model(engine: TrainablePolicy, cfg: TrainConfig, init_adapter: str | 
                 f"full fine-tuning needs an engine without LoRA adapters (loaded: {engine.adapter_names()}): "
                 "their layers sit inside the base model and would be trained or saved with it"
             )
-        staged = Staged(model=base, full_finetune=True)
+        engine.hold_master_weights()
+        staged = Staged(model=engine.base, full_finetune=True)
     else:
         taken = [n for n in (TRAIN_ADAPTER, REF_ADAPTER) if n in engine.adapter_names()]
         if taken:

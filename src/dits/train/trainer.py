@@ -56,7 +56,8 @@ class TrainResult(BaseModel):
 
 def trainer_kwargs(engine: TrainablePolicy, section: Any, cfg: TrainConfig, work_dir: str) -> dict[str, Any]:
     """``TrainingArguments`` fields both trainers get: no checkpoints, no reporting, the engine's device,
-    the model's own dtype (no autocast), a log entry per step."""
+    mixed precision in the engine's compute dtype (autocast over float32 trainable weights: LoRA adapters,
+    or the master weights of full fine-tuning), a log entry per step."""
     import dataclasses
 
     from transformers import TrainingArguments
@@ -81,8 +82,8 @@ def trainer_kwargs(engine: TrainablePolicy, section: Any, cfg: TrainConfig, work
         "disable_tqdm": True,
         "seed": cfg.seed,
         "data_seed": cfg.seed,
-        "bf16": False,
-        "fp16": False,
+        "bf16": engine.dtype == "bfloat16",
+        "fp16": engine.dtype == "float16",
         "use_cpu": str(engine.device).startswith("cpu"),
         "dataloader_num_workers": 0,
     }
