@@ -280,6 +280,7 @@ def test_guided_synthesize_on_the_embedded_model(engine, tmp_path) -> None:
 
     cfg = parse_config(
         {
+            "engine": {"dtype": "float32"},  # the shared engine's
             "search": {"explore": 3, "expand": 2},
             "protocol": {"max_turns": 2, "max_new_tokens": 12, "worked_example": False},
             "task": {"dataset": "facts", "dev": 1},

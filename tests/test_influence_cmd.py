@@ -35,6 +35,7 @@ def _one_thread():
 def _cfg(task: dict | None = None, **influence) -> RunConfig:
     return parse_config(
         {
+            "engine": {"dtype": "float32"},  # the shared engine's
             "protocol": PROTOCOL.model_dump(mode="json"),
             "task": {"dataset": "facts", "dev": 1, **(task or {})},
             "influence": {"estimator": "gradient", "chunk_size": 1, "samples_per_task": 2, "optimizer": "sgd",

@@ -68,6 +68,7 @@ def test_differences_lists_leaves():
 
 TINY = {
     "name": "tiny",
+    "engine": {"dtype": "float32"},  # the shared engine's
     "task": {"dataset": "facts", "train": 2, "dev": 2, "test": 3, "knobs": {"hops": 1, "n_distractor": 0}},
     "protocol": {"max_turns": 2, "max_new_tokens": 10},
     "search": {"explore": 1, "expand": 2},

@@ -179,7 +179,7 @@ def test_a_run_generates_on_vllm_and_trains_on_the_hf_policy(engine, vllm_engine
     from dits.tasks.source import examples_for
     from tests.test_pipeline import TINY
 
-    spec = {**TINY, "engine": {"backend": "vllm"}}
+    spec = {**TINY, "engine": {"backend": "vllm", "dtype": "float32"}}
     spec["pipeline"] = {"recipe": "idpo", "iterations": 1, "methods": ["q", "mix"]}
     cfg = parse_config(spec)
     pipe = Pipeline(cfg, tmp_path, engine=vllm_engine, progress=False)

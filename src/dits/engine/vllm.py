@@ -102,10 +102,12 @@ class VLLMEngine(Engine):
             kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
         else:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        self.dtype = resolve_dtype(s.dtype, device)
+        """The compute dtype."""
         self.llm = LLM(
             model=path,
             tokenizer=path,
-            dtype=resolve_dtype(s.dtype, device),
+            dtype=self.dtype,
             seed=0,
             trust_remote_code=s.trust_remote_code,
             tensor_parallel_size=s.tensor_parallel_size,

@@ -107,6 +107,11 @@ class EngineHolder:
     ledger, so stage costs stay on one run-wide account."""
 
     def __init__(self, cfg: RunConfig, engine: Engine | None = None) -> None:
+        computes = getattr(engine, "dtype", None)
+        if computes is not None and computes != cfg.engine.dtype:  # the stages' inputs record cfg's dtype
+            raise ValueError(
+                f"engine.dtype: the config says {cfg.engine.dtype}, the engine given computes in {computes}"
+            )
         self.cfg = cfg
         self._engine = engine
         self._built = engine is None
