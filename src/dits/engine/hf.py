@@ -32,6 +32,18 @@ log = logging.getLogger(__name__)
 _GROUP_KEY_TOKENS = 48
 
 
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log softmax(logits / temperature)`` at ``targets``, in float32 whatever the logits' dtype, one row
+    at a time: a batch's float32 log-softmax over a 49k vocabulary is GBs (8k positions: 1.6 GB, plus the
+    float32 copy of bf16 logits), one row's is tens of MB. (TRL's ``selective_log_softmax`` loops the same
+    way; it keeps bf16 logits in bf16.)"""
+    rows = []
+    for lg, tg in zip(logits, targets, strict=True):
+        lg = lg.float() / temperature
+        rows.append(lg.gather(-1, tg.unsqueeze(-1)).squeeze(-1) - lg.logsumexp(-1))
+    return torch.stack(rows)
+
+
 class _GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys and values live in a buffer with room to spare, so a decode step writes
     its token in place. transformers' ``DynamicLayer`` appends with ``torch.cat``, copying the whole cache at
@@ -568,9 +580,8 @@ class HFEngine(Engine):
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = shared + (attn.cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(ids, attn, pos, None, prefix, logits_to_keep=max_t + 1)
-        logp = torch.log_softmax(logits[:, :-1, :].float() / temperature, dim=-1)  # the last max_t tokens
         targets = ids[:, ids.shape[1] - max_t :]
-        tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        tok_lp = _token_logprobs(logits[:, :-1, :], targets, temperature)  # the last max_t tokens
         n_scored = sum(n for _, spans in rows for _, n in spans)
         self.ledger.charge(
             prompt_tokens=sum(len(r) for r, _ in rows) - n_scored,
