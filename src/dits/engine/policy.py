@@ -38,9 +38,6 @@ class TrainablePolicy(Protocol):
     weights_dtype: str
     """The dtype the base weights are stored in."""
 
-    def autocast(self) -> AbstractContextManager[object]:
-        """The precision context of a forward (autocast to ``dtype`` when the weights are wider)."""
-
     def hold_master_weights(self) -> None:
         """Store the base weights in float32 from now on (full fine-tuning with a half compute dtype), so
         that training updates are not rounded to the compute dtype."""
