@@ -47,13 +47,14 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def train_rows(engine: HFEngine, n: int, tokens: int) -> list[dict[str, Any]]:
     """SFT rows of about ``tokens`` tokens: a facts view as the prompt, its notes repeated as completion."""
     rows = []
+    proto = demo_config().protocol
     for ex in make_builtin("facts", "train", n):
-        view = render_view(ex, [], 0, demo_config().protocol)
+        view = render_view(ex, [], 0, proto)
+        room = max(1, tokens - len(engine.encode_view(view)))
         text = " ".join(ex.contexts)
-        while engine.count_tokens(text) < tokens - len(engine.encode_view(view)):
+        while engine.count_tokens(text) < room:
             text += " " + text
-        ids = engine.tokenizer.encode(text, add_special_tokens=False)
-        text = engine.tokenizer.decode(ids[: max(1, tokens - len(engine.encode_view(view)))])
+        text = engine.tokenizer.decode(engine.tokenizer.encode(text, add_special_tokens=False)[:room])
         rows.append({"prompt": view, "completion": [{"role": "assistant", "content": text}]})
     return rows
 
@@ -88,10 +89,9 @@ def main() -> None:
     proto = demo_config().protocol
     tests = make_builtin("facts", "test", max(args.views, args.tasks))
     views = [render_view(ex, [], 0, proto) for ex in tests[: args.views]]
-    greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, prefix=turn_prefix(0, proto))
-    sampled = SamplingParams(
-        max_new_tokens=args.score_tokens, temperature=1.0, seed=1, prefix=turn_prefix(0, proto), stop=()
-    )
+    prefix = turn_prefix(0, proto)
+    greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, prefix=prefix)
+    sampled = SamplingParams(max_new_tokens=args.score_tokens, temperature=1.0, seed=1, prefix=prefix)
     score_views = views[: args.score_views]
     completions = [c[0].text for c in engines["float32"].generate(score_views, sampled)]
     rows = train_rows(engines["float32"], args.train_rows, args.train_tokens)
@@ -110,9 +110,7 @@ def main() -> None:
             secs[name]["gen"] += s
             tokens[name] += sum(c[0].completion_tokens for c in out)
             texts[name] = [c[0].text for c in out]
-            secs[name]["score"] += timed(
-                lambda e=e: e.score(score_views, completions, turn_prefix(0, proto))
-            )[1]
+            secs[name]["score"] += timed(lambda e=e: e.score(score_views, completions, prefix))[1]
             secs[name]["train"] += train_step(e, rows, 1)
     metric: dict[str, list[float]] = {}
     for name, e in engines.items():

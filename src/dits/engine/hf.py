@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dits.engine.base import Completion, Engine, SamplingParams, ScoredCompletion, View
-from dits.engine.precision import HALF, autocast, resolve_device, resolve_dtype, weights_dtype
+from dits.engine.precision import autocast, resolve_device, resolve_dtype, weights_dtype
 from dits.engine.prompts import PromptEncoder, Span, chain_turns
 from dits.engine.shared_prefix import SharedPrefix, prefix_attention, suffix_mask
 from dits.ledger import Ledger
@@ -169,15 +169,16 @@ class HFEngine(Engine):
         return autocast(self.device, self.dtype, self.weights_dtype)
 
     def hold_master_weights(self) -> None:
-        if self.weights_dtype == "float32" or self.dtype not in HALF:
+        master = weights_dtype(self.dtype, trainable_base=True)
+        if self.weights_dtype == master:
             return
         log.warning(
             "full fine-tuning an engine that holds %s weights: upcasting them to float32 master weights "
             "(build it with trainable_base=True to load them in float32)",
             self.weights_dtype,
         )
-        self.base.to(torch.float32)
-        self.weights_dtype = "float32"
+        self.base.to(getattr(torch, master))
+        self.weights_dtype = master
 
     # ------------------------------------------------------------------ prompts
 

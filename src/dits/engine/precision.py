@@ -17,14 +17,11 @@ Weights that are trained stay float32 ("master weights") whatever the compute dt
 from __future__ import annotations
 
 import functools
-import logging
 import platform
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "DTYPES",

@@ -28,7 +28,7 @@ from dits.artifacts import StageManifest, digest, file_digest, run_stage
 from dits.config import RunConfig
 from dits.engine import Engine, engine_from_config, policy_from_config
 from dits.engine.policy import TrainablePolicy
-from dits.engine.precision import HALF
+from dits.engine.precision import weights_dtype
 from dits.executor import Executor, LocalExecutor
 from dits.influence.inputs import probe_adapter
 from dits.ledger import Ledger
@@ -71,8 +71,9 @@ class ModelRef(BaseModel):
     @classmethod
     def base(cls, cfg: RunConfig) -> ModelRef:
         identity: dict[str, Any] = {**cfg.engine.identity(), "seed": cfg.seed}
-        if cfg.train.full_finetune and cfg.engine.backend == "hf" and cfg.engine.dtype in HALF:
-            identity["weights"] = "float32"  # master weights under autocast: not the same numerics
+        weights = weights_dtype(cfg.engine.dtype, cfg.train.full_finetune)
+        if cfg.engine.backend == "hf" and weights != cfg.engine.dtype:
+            identity["weights"] = weights  # master weights under autocast: not the same numerics
         return cls(kind="base", digest=digest(identity))
 
     @classmethod
