@@ -25,7 +25,7 @@ from dits.stages.context import ModelRef, StageContext
 from dits.stages.search import SearchSummary, grow_pool, search_stage
 from tests.test_mcts import TASKS, ScriptedRollouter
 from tests.test_rollout import EXAMPLES, SeededEngine
-from tests.test_synthesize import LOW, _cfg, _many, _tree_lines
+from tests.test_stages_search import LOW, _cfg, _many, _tree_lines
 from tests.threads import one_torch_thread
 
 
