@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+"""The team's samples of the benchmark datasets (original formats), outside the repository: the loaders'
+tests read them through ``$DITS_DATA`` as a user's files would be read."""
+os.environ.setdefault("DITS_DATA", str(SHARED_DATA))
 
 
 @pytest.fixture(scope="session")

@@ -208,9 +208,8 @@ def test_default_data_root_env_override(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("DITS_DATA", str(tmp_path))
     assert default_data_root() == tmp_path
     monkeypatch.delenv("DITS_DATA")
-    found = default_data_root()
-    if found.is_dir():
-        assert found.parts[-2:] == ("shared", "data")
+    monkeypatch.chdir(tmp_path)
+    assert default_data_root() == tmp_path / "data"  # documented, and never outside the user's folders
 
 
 # ------------------------------------------------------------------------------------------- fixtures

@@ -1,7 +1,7 @@
 """One entry point for every dataset: :func:`load_examples`, and the registry :data:`DATASETS`.
 
-Real datasets are read from local files in their original formats (``DITS_DATA``, else the shared data
-folder beside the repository); where no local copy exists and ``path`` was not given, the Hugging Face hub
+Real datasets are read from local files in their original formats (``$DITS_DATA``, else ``data/`` in the
+working directory); where no local copy exists and ``path`` was not given, the Hugging Face hub
 is tried with the names the reference code used. Built-in tasks (``facts``, ``arith``) are generated.
 
 Splits are ``train``, ``dev`` (alias ``validation``/``val``) and ``test``. For MMLU, ``dev`` is the
@@ -37,27 +37,18 @@ Maker = Callable[[Any, str, int, Path | None], Example | None]
 
 
 def default_data_root() -> Path:
-    """Where local dataset files live: ``$DITS_DATA``, else ``<repo>/../shared/data``.
+    """Where local dataset files live: ``$DITS_DATA``, else ``data/`` in the working directory.
 
-    The repository is found by walking up from the working directory and from this package (which also
-    covers an installed copy inside the repository's virtualenv). If no such folder exists, the guess
-    relative to the working directory is returned, so error messages say where data was expected.
+    Neither need exist: a dataset whose files are not found there is loaded from the Hugging Face hub.
     """
     env = os.environ.get("DITS_DATA")
-    if env:
-        return Path(env).expanduser()
-    for start in (Path.cwd().resolve(), Path(__file__).resolve().parent):
-        for folder in (start, *start.parents):
-            for candidate in (folder.parent / "shared" / "data", folder / "shared" / "data"):
-                if candidate.is_dir():
-                    return candidate
-    return Path.cwd().parent / "shared" / "data"
+    return Path(env).expanduser() if env else Path.cwd() / "data"
 
 
 def default_heldout_root() -> Path:
-    """Test-like subsets: ``$DITS_HELDOUT_DATA``, else ``heldout/data`` two levels above the data root."""
+    """Test-like subsets: ``$DITS_HELDOUT_DATA``, else ``heldout/`` inside the data root."""
     env = os.environ.get("DITS_HELDOUT_DATA")
-    return Path(env).expanduser() if env else default_data_root().parent.parent / "heldout" / "data"
+    return Path(env).expanduser() if env else default_data_root() / "heldout"
 
 
 # -------------------------------------------------------------------------------------------------- hub
