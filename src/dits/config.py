@@ -205,24 +205,50 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``: mappings merge key by key, anything else (lists included) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_config_file(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping, with ``base: other.yaml`` (relative to the file) resolved: the base's keys,
+    then this file's laid over them (sections merge key by key), so per-dataset files hold only what
+    differs from a shared one."""
+    p = Path(path)
+    if p.resolve() in _seen:
+        raise ConfigError(f"invalid config {p}: base files form a cycle ({' -> '.join(map(str, _seen))})")
+    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"invalid config {p}: base: a file name, got {base!r}")
+    base_path = p.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"invalid config {p}: base: no file {base_path}")
+    return _deep_merge(read_config_file(base_path, _seen=(*_seen, p.resolve())), data)
+
+
 def load_config(
     path: str | Path | None,
     overrides: dict[str, Any] | None = None,
     *,
     defaults: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Read YAML (or start from ``defaults``, else the built-in defaults, when ``path`` is None), apply
-    dotted ``overrides`` (``{"search.explore": 4}``), validate."""
+    """Read YAML (:func:`read_config_file`, or start from ``defaults``, else the built-in defaults, when
+    ``path`` is None), apply dotted ``overrides`` (``{"search.explore": 4}``), validate."""
     data: dict[str, Any] = copy.deepcopy(defaults) if defaults else {}
     source = "(defaults + overrides)"
     if path is not None:
-        p = Path(path)
-        data = yaml.safe_load(p.read_text()) or {}
-        source = str(p)
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}"
-            )
+        data, source = read_config_file(path), str(path)
     for key, value in (overrides or {}).items():
         node = data
         *parents, leaf = key.split(".")
