@@ -1,4 +1,4 @@
-"""The Optima reward of a transcript (DESIGN.md section 5).
+"""The Optima reward of a transcript (docs/design.md section 5).
 
 ``R = R_task + λ_tok · T / T_norm + λ_read / max_i NLL_i`` with T the communication tokens, ``T_norm`` a high
 percentile of T over a calibration sample, and ``NLL_i`` the mean per-token negative log-likelihood of

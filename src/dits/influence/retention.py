@@ -7,18 +7,17 @@ as :class:`~dits.influence.gradient.GradientEstimator`: ``u`` = the step on z, a
 first-order change of the metric-weighted log-likelihood of the conversations that score.
 
 Why not the gradient of the metric itself: the greedy metric has none, and the gradient estimator's
-stand-in (the policy gradient of K sampled conversations at T 0.7) did not rank chunks against the greedy
-ground truth (``benchmarks/influence_fidelity.py``: Spearman −0.20 at c 5, −0.05 at c 1). A probe step
-mostly changes the greedy metric by moving greedy paths off their argmax; a path that scores is lost when
-the step lowers its likelihood, and one that fails is seldom fixed by a step not aimed at it. So how much
-the step lowers the scoring paths' likelihood ranks its harm, and this estimator ranked chunks better than
-rollout itself there (0.80 vs 0.70 at c 5, 0.72 vs 0.43 at c 1). The score is in nats per task, not in
-metric units: it ranks candidates (selection min-max normalises it), and its sign is not ΔM's.
+stand-in (the policy gradient of K sampled conversations at T 0.7) does not rank chunks against the greedy
+ground truth of ``benchmarks/influence_fidelity.py``. A probe step mostly changes the greedy metric by
+moving greedy paths off their argmax; a path that scores is lost when the step lowers its likelihood, and
+one that fails is seldom fixed by a step not aimed at it. So how much the step lowers the scoring paths'
+likelihood ranks its harm; in that benchmark this estimator ranks chunks at least as well as rollout itself
+(figures in ``benchmarks/README.md``). The score is in nats per task, not in metric units: it ranks
+candidates (selection min-max normalises it), and its sign is not ΔM's.
 
 What it does not do: make the pairs it ranks first better training data. In
-``benchmarks/selection_quality.py`` (133 pairs, 24 DPO steps, 3 seeds) they trained no better than random
-ones: one step's effect is not many steps' value, and the pairs that disturb the model least may be the
-ones it has least to learn from (their DPO loss ended lower than random pairs').
+``benchmarks/selection_quality.py`` they train no better than random ones: one step's effect is not many
+steps' value, and the pairs that disturb the model least may be the ones it has least to learn from.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reading the answer out of an utterance.
 
-The protocol's contract (DESIGN.md section 4) is strict: an answer is the content of the *last*
+The protocol's contract (docs/design.md section 4) is strict: an answer is the content of the *last*
 ``<A>...</A>`` tag, or for MATH the last balanced ``\\boxed{...}``. :func:`parse_answer` implements exactly
 that. Small models often answer in plain prose instead; :func:`fallback_answer` is a separate, documented
 heuristic so that the protocol decides explicitly whether an untagged answer counts.

@@ -1,6 +1,6 @@
 """Task metrics: SQuAD token F1 / exact match, numeric match, choice match, MATH equivalence.
 
-DESIGN.md section 5. Two reference bugs are guarded against here: F1 was computed over model sub-word
+docs/design.md section 5. Two reference bugs are guarded against here: F1 was computed over model sub-word
 tokens after ``strip("m=")`` (which eats the leading "m" of "mammal"), and exact match compared a string
 with a list of aliases (always false). MATH answers are compared with math-verify's LaTeX parser only:
 its plain-expression parser goes through ``sympy.parse_expr``, i.e. ``eval``, which must never see model

@@ -1,7 +1,7 @@
 """Information-exchange datasets: HotpotQA, 2WikiMultiHopQA, TriviaQA (rc), CBT.
 
-Each record becomes an :class:`Example` whose context is split between Alice and Bob as DESIGN.md
-section 4 prescribes, so that neither agent can answer alone. Contexts are plain text: one
+Each record becomes an :class:`Example` whose context is split between Alice and Bob as docs/design.md
+section 4 describes, so that neither agent can answer alone. Contexts are plain text: one
 ``Title: sentence sentence ...`` paragraph per block, blocks separated by a blank line. All randomness
 comes from :func:`example_rng` (seed, example id), so a split is the same in every run, whatever the
 load order or limit.
