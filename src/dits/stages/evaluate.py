@@ -1,7 +1,7 @@
 """The ``evaluate`` stage: a model on the test split with one method; transcripts and a summary on disk.
 
-Transcripts are appended in chunks, so a killed evaluation resumes where it stopped; the summary is
-recomputed from the transcript file alone.
+Transcripts are appended in chunks (:mod:`dits.stages.units`), so a killed evaluation resumes where it
+stopped; the summary is recomputed from the transcripts on disk.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
-from dits.artifacts import EVAL_SUMMARY_FILE, TRANSCRIPTS_FILE, append_jsonl, read_jsonl, write_json_atomic
+from dits.artifacts import EVAL_SUMMARY_FILE, TRANSCRIPTS_FILE, write_json_atomic
 from dits.engine.base import Engine
 from dits.evaluate import SAMPLED, EvalRecord, EvalSummary, run_method, summarize
-from dits.executor import Executor, LocalExecutor, Workbench
+from dits.executor import Executor, Workbench
 from dits.mas.protocol import ProtocolConfig
 from dits.stages.context import ModelRef, StageContext, example_ids
+from dits.stages.units import Unit, UnitMap
 from dits.tasks.example import Example
 
 __all__ = ["EvaluateChunk", "evaluate_stage", "evaluate_to_dir"]
@@ -42,6 +41,10 @@ class EvaluateChunk:
                 for ex, tr in zip(part, trs, strict=True)]  # fmt: skip
 
 
+def _example_id(record: EvalRecord) -> str:
+    return record.transcript.example_id
+
+
 def evaluate_to_dir(
     engine: Engine,
     examples: Sequence[Example],
@@ -56,29 +59,19 @@ def evaluate_to_dir(
     executor: Executor | None = None,
     model: ModelRef | None = None,
 ) -> EvalSummary:
-    """Evaluate, appending ``transcripts.jsonl`` chunk by chunk (resumable), then write ``summary.json``.
-    ``executor`` runs the chunks with ``model`` active (default: here, on ``engine``)."""
+    """Evaluate, appending ``transcripts.jsonl`` chunk by chunk (resumable; chunks of ``chunk`` tasks cut
+    at fixed positions), then write ``summary.json``. ``executor`` runs the chunks with ``model`` active
+    (default: here, on ``engine``)."""
     out = Path(out_dir)
     path = out / TRANSCRIPTS_FILE
-    if executor is None:
-        executor, model = LocalExecutor.on(engine), None
-    done = {r.transcript.example_id for r in read_jsonl(path, EvalRecord)}
-    todo = [ex for ex in examples if ex.id not in done]
+    parts = [examples[i : i + chunk] for i in range(0, len(examples), chunk)]
+    units = [Unit(list(part), tuple(example_ids(part))) for part in parts]
+    done = UnitMap(units, path, EvalRecord, _example_id)
     t0 = time.perf_counter()
-    bar = tqdm(
-        total=len(examples),
-        initial=len(examples) - len(todo),
-        desc=f"evaluate {method}",
-        disable=not progress,
-    )
-    parts = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
-
-    for records in executor.map(EvaluateChunk(method, cfg, k, seed), parts, model):
-        append_jsonl(path, records)
-        bar.update(len(records))
-    bar.close()
-    wanted = {ex.id for ex in examples}
-    records = [r for r in read_jsonl(path, EvalRecord) if r.transcript.example_id in wanted]
+    for _ in done.run(EvaluateChunk(method, cfg, k, seed), executor, model, engine=engine,
+                      desc=f"evaluate {method}", unit="task", progress=progress):  # fmt: skip
+        pass
+    records = done.records()
     summary = summarize(records)
     write_json_atomic(out / EVAL_SUMMARY_FILE, summary.model_dump())
     log.info(

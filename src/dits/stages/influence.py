@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from tqdm.auto import tqdm
 
-from dits.artifacts import SCORES_FILE, TRAIN_RESULT_FILE, StageIncomplete, append_jsonl, read_jsonl
+from dits.artifacts import SCORES_FILE, TRAIN_RESULT_FILE, StageIncomplete, read_jsonl
 from dits.config import RunConfig
 from dits.engine.base import Engine
-from dits.executor import Executor, LocalExecutor, Workbench
+from dits.executor import Executor, Workbench
 from dits.influence import MetricFn, chunk_pairs, make_estimator
 from dits.influence.base import InfluenceEstimator
 from dits.records import InfluenceScore, PreferencePair, pair_key
@@ -42,6 +41,7 @@ from dits.stages.context import (
     probe_shape,
     validation_tasks,
 )
+from dits.stages.units import Unit, UnitMap
 from dits.tasks.example import Example
 
 __all__ = ["InfluenceRun", "ScoreChunk", "influence_stage", "score_pool"]
@@ -52,17 +52,19 @@ WARMUP_DIR = "warmup"
 """Where the stage keeps θ's warm-up adapter (``influence.warmup_steps > 0``)."""
 
 
-def _scored_chunks(path: Path, chunks: list[list[PreferencePair]]) -> dict[int, InfluenceScore]:
-    """Scores already on disk by chunk index, each checked against the chunk it claims to score."""
-    done: dict[int, InfluenceScore] = {}
-    for s in read_jsonl(path, InfluenceScore):
+def _chunk_check(path: Path, chunks: list[list[PreferencePair]]) -> Callable[[InfluenceScore], None]:
+    """Refuses a score read back that is not for this pool's chunk of its index."""
+
+    def check(s: InfluenceScore) -> None:
         i = s.candidate
         if not 0 <= i < len(chunks) or s.pair_ids != [pair_key(p) for p in chunks[i]]:
             raise ValueError(f"{path}: the score of chunk {i} is not for this pool's chunk {i}")
-        if i in done:
-            raise ValueError(f"{path} holds chunk {i} twice")
-        done[i] = s
-    return done
+
+    return check
+
+
+def _candidate(score: InfluenceScore) -> str:
+    return str(score.candidate)
 
 
 class InfluenceRun(BaseModel):
@@ -110,10 +112,10 @@ class ScoreChunk:
         self._est = make_estimator(self.run_cfg.influence, self.metric_fn)
         self._est.prepare(policy, name, self.val_examples, self.run_cfg.protocol)
 
-    def __call__(self, bench: Workbench, unit: tuple[int, list[PreferencePair]]) -> InfluenceScore:
+    def __call__(self, bench: Workbench, unit: tuple[int, list[PreferencePair]]) -> list[InfluenceScore]:
         assert self._est is not None, "setup() prepares the estimator"
         i, chunk = unit
-        return self._est.score([chunk])[0].model_copy(update={"candidate": i})
+        return [self._est.score([chunk])[0].model_copy(update={"candidate": i})]
 
     def teardown(self, bench: Workbench) -> None:
         if self._added is not None:
@@ -143,12 +145,8 @@ def score_pool(
     (default: here, on ``engine``, a :class:`TrainablePolicy`); ``engine``'s ledger receives their cost.
     What decides the scores is the caller's to guard (:func:`influence_stage` records it in the stage's
     inputs)."""
-    if executor is None:
-        executor, model = LocalExecutor.on(engine), None
     if isinstance(theta, str):
         theta = Theta(name=theta)
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
     if not val_examples:
         raise ValueError("influence needs at least one validation example")
     icfg = run_cfg.influence
@@ -157,42 +155,31 @@ def score_pool(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SCORES_FILE
-    done = _scored_chunks(path, chunks)
-    todo = [i for i in range(len(chunks)) if i not in done]
-    if limit is not None:
-        todo = todo[:limit]
-    on_disk = sum(s.cost.flops for s in done.values())
-    seconds = sum(s.cost.seconds for s in done.values())
-    before, t0 = engine.ledger.snapshot(), time.perf_counter()
-    bar = tqdm(
-        total=len(chunks), initial=len(done), unit="chunk", desc=f"influence/{icfg.estimator}",
-        disable=not progress,
-    )  # fmt: skip
+    units = [Unit((i, chunk), (str(i),)) for i, chunk in enumerate(chunks)]
+    scores = UnitMap(units, path, InfluenceScore, _candidate, check=_chunk_check(path, chunks), limit=limit)
+    found = scores.records()
+    on_disk = sum(s.cost.flops for s in found)
+    seconds = sum(s.cost.seconds for s in found)
+    t0 = time.perf_counter()
 
     def flops() -> float:  # the scores on disk, and this call's (estimator preparation included)
-        return on_disk + engine.ledger.flops(engine.ledger.snapshot() - before)
+        return on_disk + engine.ledger.flops(scores.spent)
 
-    bar.set_postfix(flops=f"{flops():.3g}", refresh=True)
-    try:
-        work = ScoreChunk(run_cfg, theta, list(val_examples), metric_fn)
-        units = [(i, chunks[i]) for i in todo]
-        for i, s in zip(todo, executor.map(work, units, model), strict=True):
-            append_jsonl(path, [s])
-            done[i] = s
-            bar.update(1)
-            bar.set_postfix(flops=f"{flops():.3g}", refresh=True)
-    finally:
-        bar.close()
-    run = InfluenceRun(
-        scores=[done[i] for i in sorted(done)],
+    work = ScoreChunk(run_cfg, theta, list(val_examples), metric_fn)
+    run = scores.run(work, executor, model, engine=engine,
+                     desc=f"influence/{icfg.estimator}", unit="chunk", progress=progress)  # fmt: skip
+    for _ in run:
+        scores.postfix(flops=f"{flops():.3g}")
+    result = InfluenceRun(
+        scores=scores.records(),
         chunks=len(chunks),
-        scored_now=len(todo),
+        scored_now=len(scores.pending),
         flops=flops(),
         seconds=round(seconds + time.perf_counter() - t0, 3),
         scores_path=str(path),
     )
-    log.info("influence: %s", run.line())
-    return run
+    log.info("influence: %s", result.line())
+    return result
 
 
 def _theta(ctx: StageContext, model: ModelRef, pairs: Path, out: Path) -> Theta:

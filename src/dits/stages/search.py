@@ -30,22 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from tqdm.auto import tqdm
 
 from dits.artifacts import (
     PAIRS_FILE,
     SEARCH_SUMMARY_FILE,
     T_NORM_FILE,
     TREES_FILE,
-    append_jsonl,
-    read_jsonl,
     write_jsonl_atomic,
     write_text_atomic,
 )
 from dits.config import RunConfig
 from dits.engine.base import Engine
 from dits.engine.policy import TrainablePolicy
-from dits.executor import Executor, LocalExecutor, Workbench
+from dits.executor import Executor, Workbench
 from dits.influence import make_estimator
 from dits.records import PreferencePair
 from dits.search.guided import InfluenceGuide
@@ -62,6 +59,7 @@ from dits.stages.context import (
     probe_shape,
     validation_tasks,
 )
+from dits.stages.units import Unit, UnitMap
 from dits.tasks.example import Example, examples_by_id
 
 __all__ = [
@@ -162,6 +160,10 @@ def load_or_calibrate_t_norm(
 # -- the run ---------------------------------------------------------------------------------------
 
 
+def _task_id(tree: Tree) -> str:
+    return tree.task_id
+
+
 def _with_guide(guide: InfluenceGuide | None, show: Callable[[], None] | None) -> OnStep | None:
     """The search's per-step hook: refresh the guide's Î (when guided), then the progress bar."""
     if guide is None and show is None:
@@ -258,73 +260,51 @@ def grow_pool(
         raise ValueError("guide.lam != 0: an influence-guided search needs a guide (see search_stage)")
 
     trees_path = out / TREES_FILE
-    done: dict[str, Tree] = {}
-    for tree in read_jsonl(trees_path, Tree):
-        if tree.task_id in done:
-            raise ValueError(f"{trees_path} holds task {tree.task_id!r} twice")
-        done[tree.task_id] = tree
-    extra = sorted(set(done) - set(by_id))
-    if extra:
-        log.warning("%s: %d trees are for tasks not in this run; ignored", trees_path, len(extra))
-    n_found = sum(1 for ex in examples if ex.id in done)
-    if n_found:
-        log.info("resuming: %d of %d trees already in %s", n_found, len(examples), trees_path)
+    # Shards are cut at fixed positions of the task list and always run whole (:mod:`dits.stages.units`);
+    # a shard whose write was cut short is re-run whole and only its missing trees are appended.
+    shards = [examples[i : i + shard_size] for i in range(0, len(examples), shard_size)]
+    trees = UnitMap(
+        [Unit(list(shard), tuple(example_ids(shard))) for shard in shards], trees_path, Tree, _task_id
+    )
+    if trees.found:
+        log.info("resuming: %d of %d trees already in %s", trees.found, len(examples), trees_path)
 
     cal = load_or_calibrate_t_norm(engine, examples, run_cfg, out / T_NORM_FILE, seed=seed, t_norm=t_norm)
-    rollouts_done = sum(len(done[ex.id].rollouts) for ex in examples if ex.id in done)
-    pairs_found = sum(count_tree_pairs(done[ex.id], ex, pair_cfg) for ex in examples if ex.id in done)
-    bar = tqdm(total=len(examples), initial=n_found, unit="tree", desc="search", disable=not progress)
+    found = trees.records()
+    rollouts_done = sum(len(tree.rollouts) for tree in found)
+    pairs_found = sum(count_tree_pairs(tree, by_id[tree.task_id], pair_cfg) for tree in found)
     live: list[DialogueRollouter] = []  # the shard being grown, for the progress bar
 
     def show() -> None:
-        bar.set_postfix(
+        trees.postfix(
             rollouts=rollouts_done + sum(r.stats.rollouts for r in live),
             tokens=engine.ledger.snapshot().generated_tokens - before.generated_tokens,
             pairs=pairs_found,
-            refresh=True,
         )
-
-    # Shards are cut at fixed positions of the task list and always run whole, so every tree is grown
-    # in exactly the batches of an uninterrupted run: batched float arithmetic depends (in the last
-    # bits) on what shares a batch, and a reward's last bits can flip a selection. A shard whose write
-    # was cut short is re-run whole and only its missing trees are appended.
-    shards = [list(examples[i : i + shard_size]) for i in range(0, len(examples), shard_size)]
-    shards = [shard for shard in shards if any(ex.id not in done for ex in shard)]
-    trees_new = 0
-    stack = ExitStack()
 
     def watch(rollouter: DialogueRollouter) -> Callable[[], None]:
         live[:] = [rollouter]
         return show
 
-    show()
-    try:
-        if shards and guide is None and make_guide is not None:  # prepared only if a tree is to be grown
+    with ExitStack() as stack:
+        if trees.pending and guide is None and make_guide is not None:  # prepared only if a tree is grown
             guide = stack.enter_context(make_guide())
         work = GrowShard(run_cfg, cal.t_norm, seed, guide=guide, watch=watch)
         # A guide holds θ and its estimator on this engine: guided shards run here, in order.
-        if guide is not None or executor is None:
-            executor, model = LocalExecutor.on(engine, initial=nll_engine), None
-        for shard, trees in zip(shards, executor.map(work, shards, model), strict=True):
-            new = [(ex, tree) for ex, tree in zip(shard, trees, strict=True) if ex.id not in done]
-            append_jsonl(trees_path, [tree for _, tree in new])
-            for ex, tree in new:
-                done[ex.id] = tree
-                pairs_found += count_tree_pairs(tree, ex, pair_cfg)
+        run = trees.run(work, None if guide is not None else executor, model, engine=engine,
+                        initial=nll_engine, desc="search", unit="tree", progress=progress)  # fmt: skip
+        for _, new in run:
+            for tree in new:
+                pairs_found += count_tree_pairs(tree, by_id[tree.task_id], pair_cfg)
                 rollouts_done += len(tree.rollouts)
             live.clear()
-            trees_new += len(new)
-            bar.update(len(new))
             show()
-    finally:
-        bar.close()
-        stack.close()
 
     # Mine from what is on disk: the pairs always describe the stored trees.
-    stored = {t.task_id: t for t in read_jsonl(trees_path, Tree)}
+    stored = trees.records()
     mined: list[PreferencePair] = []
-    for ex in examples:
-        mined.extend(mine_tree_pairs(stored[ex.id], ex, run_cfg.protocol, pair_cfg))
+    for tree in stored:
+        mined.extend(mine_tree_pairs(tree, by_id[tree.task_id], run_cfg.protocol, pair_cfg))
     pairs_path = out / PAIRS_FILE
     write_jsonl_atomic(pairs_path, mined)
 
@@ -332,8 +312,8 @@ def grow_pool(
     summary = SearchSummary(
         out_dir=str(out),
         trees=len(examples),
-        trees_new=trees_new,
-        rollouts=sum(len(stored[ex.id].rollouts) for ex in examples),
+        trees_new=len(stored) - trees.found,
+        rollouts=sum(len(tree.rollouts) for tree in stored),
         pairs=len(mined),
         t_norm=cal.t_norm,
         generated_tokens=spent.generated_tokens,

@@ -9,6 +9,9 @@ dataset's ε dropped (:mod:`dits.tasks.defaults`). Each kept conversation gives 
 agent turn in TRL's conversational prompt-completion format: ``prompt`` is the renderer's view for that
 speaker at that point, ``completion`` the turn as one assistant message (with the forced turn prefix, the
 way the renderer writes an agent's own past turns), so training sees exactly the layout inference uses.
+
+Each batch of conversations is appended to ``dialogues.jsonl`` as it comes back (:mod:`dits.stages.units`),
+so a killed stage samples only the batches it had not stored.
 """
 
 from __future__ import annotations
@@ -20,22 +23,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
-from tqdm.auto import tqdm
 
-from dits.artifacts import SAMPLES_FILE, SFT_FILE, SFT_SUMMARY_FILE, write_jsonl_atomic, write_text_atomic
+from dits.artifacts import (
+    DIALOGUES_FILE,
+    SAMPLES_FILE,
+    SFT_FILE,
+    SFT_SUMMARY_FILE,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from dits.config import SftDataConfig
 from dits.engine.base import Engine
-from dits.executor import Executor, LocalExecutor, Workbench
+from dits.executor import Executor, Workbench
 from dits.mas.dialogue import Transcript, run_dialogues
 from dits.mas.protocol import ProtocolConfig, own_turn_content, render_view
 from dits.records import SftRow
 from dits.reward import RewardBreakdown, RewardConfig, compute_reward, t_norm_from, utterance_nlls
 from dits.seeding import derive_seed
 from dits.stages.context import ModelRef, Product, StageContext, example_ids
+from dits.stages.units import Unit, UnitMap
 from dits.tasks.example import Example
 
 __all__ = [
     "SampledConversation",
+    "SampledDialogue",
     "SftData",
     "build_sft_data",
     "sample_conversations",
@@ -63,6 +74,23 @@ class SampledConversation(BaseModel):
         return self.breakdown.total
 
 
+class SampledDialogue(BaseModel):
+    """One sampled conversation as the sampler returns it: with its utterances' NLLs under the initial model
+    and before any reward (its ``T_norm`` needs every sample)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    example_id: str
+    sample: int
+    seed: int
+    transcript: Transcript
+    nlls: list[float]
+
+    @property
+    def key(self) -> str:
+        return f"{self.example_id}#{self.sample}"
+
+
 class SftData(BaseModel):
     """Everything one iSFT data pass produced."""
 
@@ -76,21 +104,24 @@ class SftData(BaseModel):
 
 @dataclass(frozen=True)
 class SampleDialogues:
-    """iSFT sampling's work unit: one batch of ``(task, seed)`` conversations, and each utterance's NLL under
-    the initial model (the readability term's input)."""
+    """iSFT sampling's work unit: one batch of ``(task, sample index, seed)`` conversations, and each
+    utterance's NLL under the initial model (the readability term's input)."""
 
     protocol: ProtocolConfig
     temperature: float
     top_p: float
 
-    def __call__(
-        self, bench: Workbench, part: list[tuple[Example, int]]
-    ) -> list[tuple[Transcript, list[float]]]:
-        transcripts = run_dialogues(bench.engine(), [ex for ex, _ in part], self.protocol,
+    def __call__(self, bench: Workbench, part: list[tuple[Example, int, int]]) -> list[SampledDialogue]:
+        transcripts = run_dialogues(bench.engine(), [ex for ex, _, _ in part], self.protocol,
                                     temperature=self.temperature, top_p=self.top_p,
-                                    seeds=[s for _, s in part])  # fmt: skip
+                                    seeds=[s for _, _, s in part])  # fmt: skip
         nlls = utterance_nlls(bench.initial(), transcripts, self.protocol)
-        return list(zip(transcripts, nlls, strict=True))
+        return [SampledDialogue(example_id=ex.id, sample=j, seed=s, transcript=tr, nlls=nll)
+                for (ex, j, s), tr, nll in zip(part, transcripts, nlls, strict=True)]  # fmt: skip
+
+
+def _key(dialogue: SampledDialogue) -> str:
+    return dialogue.key
 
 
 def sample_conversations(
@@ -107,10 +138,13 @@ def sample_conversations(
     batch: int = 256,
     executor: Executor | None = None,
     model: ModelRef | None = None,
+    store: Path | None = None,
 ) -> tuple[list[SampledConversation], float | None]:
     """``cfg.n_samples`` conversations per task in batched dialogue runs of ``batch`` conversations (a
     progress bar counts them; ``executor`` runs the batches with ``model`` active, default: here on
-    ``engine``), each batch's utterances scored in one call per speaker.
+    ``engine``), each batch's utterances scored in one call per speaker. With ``store`` (a JSONL file) each
+    batch's conversations are appended there as they come back, and a call after a kill samples only the
+    batches not stored (:mod:`dits.stages.units`).
 
     ``T_norm``: ``t_norm`` if given; else with ``cfg.token_norm == "task_max"`` (the reference) each task's
     longest sample, else the ``reward.t_norm_percentile`` of all samples (drawn at the rollout temperature,
@@ -118,20 +152,16 @@ def sample_conversations(
     ``engine``). Returns the samples (task-major) and the one ``T_norm`` used (None: per task).
     """
     cfg = cfg or SftDataConfig()
-    flat = [(ex, j) for ex in examples for j in range(cfg.n_samples)]
-    seeds = [derive_seed("dits.sft", seed, ex.id, j) for ex, j in flat]
-    if executor is None:
-        executor, model = LocalExecutor.on(engine, initial=nll_engine), None
+    flat = [(ex, j, derive_seed("dits.sft", seed, ex.id, j)) for ex in examples for j in range(cfg.n_samples)]
+    parts = [flat[i : i + batch] for i in range(0, len(flat), batch)]
+    units = [Unit(part, tuple(f"{ex.id}#{j}" for ex, j, _ in part)) for part in parts]
+    dialogues = UnitMap(units, store, SampledDialogue, _key)
     work = SampleDialogues(protocol, cfg.temperature, cfg.top_p)
-    tasks = [(ex, s) for (ex, _), s in zip(flat, seeds, strict=True)]
-    parts = [tasks[i : i + batch] for i in range(0, len(tasks), batch)]
-    transcripts: list[Transcript] = []
-    nlls: list[list[float]] = []
-    with tqdm(total=len(flat), unit="conv", desc="sft-data", disable=not progress) as bar:
-        for done in executor.map(work, parts, model):
-            transcripts += [tr for tr, _ in done]
-            nlls += [nll for _, nll in done]
-            bar.update(len(done))
+    for _ in dialogues.run(work, executor, model, engine=engine, initial=nll_engine, desc="sft-data",
+                           unit="conv", progress=progress):  # fmt: skip
+        pass
+    sampled = dialogues.records()
+    transcripts = [d.transcript for d in sampled]
     norms: list[float]
     if t_norm is not None:
         norms = [t_norm] * len(flat)
@@ -140,18 +170,18 @@ def sample_conversations(
         norms = [t_norm] * len(flat)
     else:  # the reference's: each task's longest sample
         longest: dict[str, int] = {}
-        for (ex, _), tr in zip(flat, transcripts, strict=True):
+        for (ex, _, _), tr in zip(flat, transcripts, strict=True):
             longest[ex.id] = max(longest.get(ex.id, 1), tr.comm_tokens)
-        norms = [float(longest[ex.id]) for ex, _ in flat]
+        norms = [float(longest[ex.id]) for ex, _, _ in flat]
     samples = [
         SampledConversation(
             example_id=ex.id,
-            sample=j,
-            seed=s,
-            transcript=tr,
-            breakdown=compute_reward(ex, tr, nll, norm, reward),
+            sample=d.sample,
+            seed=d.seed,
+            transcript=d.transcript,
+            breakdown=compute_reward(ex, d.transcript, d.nlls, norm, reward),
         )
-        for (ex, j), s, tr, nll, norm in zip(flat, seeds, transcripts, nlls, norms, strict=True)
+        for (ex, _, _), d, norm in zip(flat, sampled, norms, strict=True)
     ]
     return samples, t_norm
 
@@ -242,6 +272,7 @@ def build_sft_data(
         progress=progress,
         executor=executor,
         model=model,
+        store=Path(out_dir) / DIALOGUES_FILE if out_dir is not None else None,
     )
     kept = select_conversations(samples, examples, cfg)
     by_id = {ex.id: ex for ex in examples}
