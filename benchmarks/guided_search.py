@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from common import Checkpoints, evaluate, flops, paired_difference, parse_seeds, pooled_metric, public
 from dits.artifacts import PAIRS_FILE, TREES_FILE, read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
@@ -59,7 +60,6 @@ from dits.tasks.example import Example
 from dits.tasks.source import examples_for
 from dits.train.config import TrainConfig
 from dits.train.dpo import train_dpo
-from selection_quality import Checkpoints, _paired, _public, _seeds, evaluate, flops, pooled_metric
 
 log = logging.getLogger("guided_search")
 _NOT_RESULTS = frozenset({"threads", "work_dir", "progress", "train_seed"})
@@ -274,7 +274,7 @@ def main() -> None:
     if smallest == 0:
         raise SystemExit("a pool has no pairs: use more --train-tasks or --explore")
     keep = max(1, round(args.ratio * smallest))
-    train_seeds = _seeds(args.train_seed) if args.train_seed else [args.seed]
+    train_seeds = parse_seeds(args.train_seed) if args.train_seed else [args.seed]
     log.info("evaluating the untrained model on %d test tasks", len(test))
     untrained = ckpt.get("untrained", evaluate, engine, test, cfg0, None)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in pools}
@@ -303,11 +303,11 @@ def main() -> None:
                 "rollout_metric": statistics.fmean(r.metric for t in trees for r in t.rollouts),
             },
             **pooled_metric(entries),  # over every (training seed, test task)
-            "per_train_seed": [{k: v for k, v in _public(e).items() if k != "kept_metric"} for e in entries],
+            "per_train_seed": [{k: v for k, v in public(e).items() if k != "kept_metric"} for e in entries],
         }
     for name, arm in arms.items():
         if name != "lam_0":
-            arm["minus_lam_0"] = _paired(runs[name], runs["lam_0"])
+            arm["minus_lam_0"] = paired_difference(runs[name], runs["lam_0"])
     plain = {t.task_id: t.selected for t in pools["lam_0"][0]}
     for name, (trees, _) in pools.items():  # did the guide change any selection? (same seeds as λ = 0)
         arms[name]["pool"]["selections_differ"] = statistics.fmean(
@@ -324,7 +324,7 @@ def main() -> None:
             "t_norm": cal.t_norm,
             "keep": keep,
         },
-        "untrained": _public(untrained),
+        "untrained": public(untrained),
         "arms": arms,
         "best_lam": best,
         "best_minus_lam_0": arms[best]["minus_lam_0"],

@@ -41,10 +41,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.stats import spearmanr
 
+from common import Checkpoints
 from dits.artifacts import read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
@@ -64,52 +63,21 @@ from dits.mas.protocol import ProtocolConfig
 from dits.records import PreferencePair
 from dits.seeding import derive_seed
 from dits.stages.search import grow_pool
+from dits.stats import (
+    spearman,
+    spearman_brown,
+    spearman_interval,
+    task_reliability,
+    tasks_for,
+    top_half_agreement,
+)
 from dits.tasks.example import Example
 from dits.tasks.source import examples_for
 from dits.train.step import one_step
-from selection_quality import Checkpoints
 
 log = logging.getLogger("influence_fidelity")
 _NOT_RESULTS = frozenset({"threads", "work_dir", "progress", "estimators"})
 """Arguments that change no checkpointed result (each estimator's scores are a checkpoint of their own)."""
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman's rho (ties averaged, scipy); None when either side is constant (undefined)."""
-    if len(set(a)) < 2 or len(set(b)) < 2:
-        return None
-    return float(spearmanr(a, b).statistic)
-
-
-def spearman_interval(
-    est: Sequence[float], truth: Sequence[float], *, resamples: int = 4000, seed: int = 0
-) -> tuple[float, float] | None:
-    """95% percentile-bootstrap interval of :func:`spearman` over the candidates (resampled with
-    replacement; resamples where either side is constant are skipped). At N = 24 its width, not the point
-    estimate, says whether an estimator is distinguishable from zero or from another. None if undefined."""
-    rng = np.random.default_rng(seed)
-    a, b, n = np.asarray(est), np.asarray(truth), len(truth)
-    rhos = []
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        rho = spearman(a[idx].tolist(), b[idx].tolist())
-        if rho is not None:
-            rhos.append(rho)
-    if not rhos:
-        return None
-    low, high = np.percentile(rhos, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def top_half(values: Sequence[float]) -> set[int]:
-    """Indices of the N//2 largest values; ties broken by index so the set is deterministic."""
-    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
-    return set(order[: len(values) // 2])
-
-
-def top_half_agreement(est: Sequence[float], truth: Sequence[float]) -> float:
-    t = top_half(truth)
-    return len(top_half(est) & t) / len(t) if t else 0.0
 
 
 class GroundTruth:
@@ -139,33 +107,6 @@ class GroundTruth:
         """Mean metric over the even (0) or odd (1) ground-truth tasks."""
         sel = [v for v, t in zip(values, self.task, strict=True) if t % 2 == which]
         return statistics.fmean(sel)
-
-
-def task_reliability(deltas: Sequence[Sequence[float]]) -> float | None:
-    """Reliability of the candidates' mean change over G tasks, from every task at once (Hoyt's two-way
-    ANOVA: candidates × tasks, task main effects removed, ``(MS_cand − MS_err) / MS_cand``; it equals
-    Cronbach's α, the mean of all split-half reliabilities). A single split-half Spearman at N = 24 has a
-    standard error near 0.2; this uses all G·(G−1)/2 task pairs, so it says far more steadily whether the
-    ground truth is above its noise. ``deltas[z][t]``: candidate z's change on task t. None if undefined."""
-    n, g = len(deltas), len(deltas[0]) if deltas else 0
-    if n < 2 or g < 2:
-        return None
-    grand = statistics.fmean(x for row in deltas for x in row)
-    rows = [statistics.fmean(row) for row in deltas]
-    cols = [statistics.fmean(row[t] for row in deltas) for t in range(g)]
-    ms_cand = g * sum((r - grand) ** 2 for r in rows) / (n - 1)
-    ss_err = sum((deltas[z][t] - rows[z] - cols[t] + grand) ** 2 for z in range(n) for t in range(g))
-    ms_err = ss_err / ((n - 1) * (g - 1))
-    return None if ms_cand == 0 else 1 - ms_err / ms_cand
-
-
-def tasks_for(reliability: float, g: int, target: float) -> float | None:
-    """Spearman-Brown: the ground-truth tasks at which the reliability measured on g tasks would reach
-    ``target`` (None when it holds no signal at all)."""
-    if reliability <= 0:
-        return None
-    per_task = reliability / (g - (g - 1) * reliability)
-    return target * (1 - per_task) / (per_task * (1 - target))
 
 
 def draw_chunks(pool: list[PreferencePair], args: argparse.Namespace) -> list[list[PreferencePair]]:
@@ -341,7 +282,7 @@ def main() -> None:
     split_half = spearman([h[0] for h in halves], [h[1] for h in halves])
     alpha = task_reliability(per_task)
     # What the split-half would be expected at (its G/2 tasks), and the G at which it would reach 0.6.
-    half_alpha = None if alpha is None else alpha / (2 - alpha)
+    half_alpha = None if alpha is None else spearman_brown(alpha, 0.5)
     g_needed = None if alpha is None else tasks_for(alpha, len(gt_tasks), 0.6)
     report: dict[str, Any] = {
         "benchmark": "influence_fidelity",
@@ -354,7 +295,7 @@ def main() -> None:
             "distinct": len(set(truth)),
             "split_half_spearman": split_half,
             # Spearman-Brown: the rank reliability of the whole G tasks, from that of each half.
-            "reliability": None if split_half is None else max(0.0, 2 * split_half / (1 + split_half)),
+            "reliability": None if split_half is None else max(0.0, spearman_brown(split_half, 2)),
             "has_signal": split_half is not None and split_half >= 0.6,
             "task_reliability": alpha,
             "expected_split_half": half_alpha,

@@ -29,10 +29,10 @@ import torch
 from dits.engine.base import SamplingParams
 from dits.engine.hf import HFEngine
 from dits.engine.precision import cpu_bf16_flags, resolve_dtype
-from dits.evaluate import paired_bootstrap
 from dits.mas.dialogue import run_dialogues
 from dits.mas.protocol import render_view, turn_prefix
 from dits.pipeline import demo_config
+from dits.stats import paired_bootstrap
 from dits.tasks.builtin import make_builtin
 from dits.train import TrainConfig
 from dits.train.sft import sft_trainer

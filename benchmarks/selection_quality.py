@@ -32,17 +32,16 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dits.artifacts import PAIRS_FILE, TREES_FILE, read_jsonl, write_json_atomic
+from common import Checkpoints, evaluate, flops, paired_difference, parse_seeds, pooled_metric, public
+from dits.artifacts import PAIRS_FILE, TREES_FILE, read_jsonl
 from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.engine.precision import DTYPES, resolve_dtype
-from dits.evaluate import EvalRecord, bootstrap_ci, run_method, summarize
 from dits.influence import (
     ESTIMATOR_NAMES,
     InfluenceConfig,
@@ -51,7 +50,6 @@ from dits.influence import (
     make_estimator,
     pair_key,
 )
-from dits.ledger import LedgerCounts
 from dits.records import PreferencePair
 from dits.search.pairs import keep_count
 from dits.select import SelectConfig, Strategy, select_pairs
@@ -66,16 +64,6 @@ log = logging.getLogger("selection_quality")
 STRATEGIES: tuple[Strategy, ...] = ("all", "random", "q", "q-budget", "influence", "mix")
 USES_INFLUENCE = frozenset({"influence", "mix"})
 PROBE = "sq_theta"
-
-
-def _seeds(values: list[str]) -> list[int]:
-    """``--seed 0 --seed 1`` or ``--seed 0,1,2``: one list, order kept, no repeats."""
-    out: list[int] = []
-    for v in values:
-        for part in v.split(","):
-            if part.strip() and int(part) not in out:
-                out.append(int(part))
-    return out or [0]
 
 
 def run_config(args: argparse.Namespace, seed: int) -> RunConfig:
@@ -99,35 +87,6 @@ def run_config(args: argparse.Namespace, seed: int) -> RunConfig:
     if args.min_gap is not None:
         overrides["pairs.min_gap"] = args.min_gap
     return load_config(None, overrides)
-
-
-def flops(engine: HFEngine, before: LedgerCounts) -> float:
-    return float(engine.ledger.flops(engine.ledger.snapshot() - before))
-
-
-def evaluate(engine: HFEngine, test: list[Example], cfg: RunConfig, adapter: str | None) -> dict[str, Any]:
-    """Greedy two-agent evaluation with ``adapter`` active (None: the untrained model)."""
-    before = engine.ledger.snapshot()
-    engine.set_adapter(adapter)
-    try:
-        transcripts = run_method(engine, test, "mas", cfg.protocol, seed=cfg.seed)
-    finally:
-        engine.set_adapter(None)
-    records = [
-        EvalRecord(method="mas", dataset=ex.dataset, split="test", transcript=tr)
-        for ex, tr in zip(test, transcripts, strict=True)
-    ]
-    s = summarize(records)
-    return {
-        "metric": s.metric.mean,
-        "ci95": [s.metric.low, s.metric.high],
-        "comm_tokens": s.comm_tokens,
-        "n": s.n,
-        "stop_reasons": s.stop_reasons,
-        "eval_flops": flops(engine, before),
-        "_values": [tr.metric for tr in transcripts],
-        "_ids": [tr.example_id for tr in transcripts],
-    }
 
 
 def synthesize_pool(engine: HFEngine, cfg: RunConfig, out: Path, progress: bool) -> dict[str, Any]:
@@ -273,13 +232,6 @@ def train_strategy(
     return {**entry, "_kept": sorted(pair_key(p) for p in kept)}
 
 
-def pooled_metric(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Across seeds' evaluations of one method: the metric and its bootstrap interval over every (seed,
-    test task)."""
-    ci = bootstrap_ci([v for e in entries for v in e["_values"]])
-    return {"metric": ci.mean, "ci95": [ci.low, ci.high]}
-
-
 def _pooled(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Across seeds: :func:`pooled_metric`, and means of the rest."""
     return {
@@ -293,66 +245,8 @@ def _pooled(entries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _public(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in entry.items() if not k.startswith("_")}
-
-
 # Arguments that do not change any result: a checkpoint written under other values of these is reused.
 _NOT_RESULTS = frozenset({"seed", "threads", "work_dir", "progress"})
-
-
-class Checkpoints:
-    """Finished parts of a run (the untrained evaluation; per seed the pool's, influence's and the extra
-    search's figures, the influence scores; per seed and strategy the trained model's evaluation) as JSON
-    files in ``--work-dir``: a run of hours cut off, or rerun with more ``--seed`` values, redoes only what
-    is missing (pools resume tree by tree on their own). Without ``--work-dir`` nothing is kept. A work
-    dir written under other result-changing arguments is refused, naming them."""
-
-    def __init__(
-        self, root: Path, args: argparse.Namespace, keep: bool, not_results: frozenset[str] = _NOT_RESULTS
-    ) -> None:
-        self.root, self.keep = root, keep
-        if not keep:
-            return
-        settings = {k: v for k, v in vars(args).items() if k not in not_results}
-        path = root / "settings.json"
-        if path.exists():
-            old = json.loads(path.read_text())
-            old.setdefault("dtype", "float32")  # work dirs from before --dtype ran in float32
-            changed = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
-            if changed:
-                raise SystemExit(
-                    f"{root} holds a run with other settings ({', '.join(changed)}); use another --work-dir"
-                )
-        else:
-            write_json_atomic(path, settings)
-
-    def get(self, name: str, compute: Callable[..., Any], *args: Any) -> Any:
-        """The JSON stored under ``name``, or ``compute(*args)``, stored when ``--work-dir`` is kept."""
-        path = self.root / "checkpoints" / f"{name}.json"
-        if self.keep and path.exists():
-            log.info("checkpoint %s: done before, reused", name)
-            return json.loads(path.read_text())
-        result = compute(*args)
-        if self.keep:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, result)
-        return result
-
-
-def _paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
-    """``a − b`` per (seed, test task): the same test tasks in the same order under both, pooled over
-    seeds, with a bootstrap interval, and the per-seed differences of the means."""
-    diffs: list[float] = []
-    for ea, eb in zip(a, b, strict=True):
-        assert ea["_ids"] == eb["_ids"]
-        diffs += [x - y for x, y in zip(ea["_values"], eb["_values"], strict=True)]
-    ci = bootstrap_ci(diffs)
-    return {
-        "mean": ci.mean,
-        "ci95": [ci.low, ci.high],
-        "per_seed": [ea["metric"] - eb["metric"] for ea, eb in zip(a, b, strict=True)],
-    }
 
 
 def main() -> None:
@@ -397,7 +291,7 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = ap.parse_args()
     args.dtype = resolve_dtype(args.dtype)  # a work dir records the dtype it ran in
-    seeds = _seeds(args.seed)
+    seeds = parse_seeds(args.seed)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -406,7 +300,7 @@ def main() -> None:
     tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="dits-selq-")
     root = Path(args.work_dir or tmp.name)  # type: ignore[union-attr]
 
-    ckpt = Checkpoints(root, args, keep=args.work_dir is not None)
+    ckpt = Checkpoints(root, args, keep=args.work_dir is not None, not_results=_NOT_RESULTS)
 
     base_cfg = run_config(args, seeds[0])
     test = examples_for(base_cfg.task, "test")
@@ -492,7 +386,7 @@ def main() -> None:
             per_seed[strategy][-1]["kept_overlap_with_q"] = len(q & mine) / len(q | mine)
 
     strategies = {
-        s: {**_pooled(entries), "per_seed": [_public(e) for e in entries]} for s, entries in per_seed.items()
+        s: {**_pooled(entries), "per_seed": [public(e) for e in entries]} for s, entries in per_seed.items()
     }
     report = {
         "benchmark": "selection_quality",
@@ -503,13 +397,13 @@ def main() -> None:
             "tau": cfg.pairs.tau_for(args.dataset),
             "min_gap": cfg.pairs.min_gap,
         },
-        "untrained": _public(untrained),
+        "untrained": public(untrained),
         "strategies": strategies,
-        "mix_minus_q": _paired(per_seed["mix"], per_seed["q"]),
-        "mix_minus_q_budget": _paired(per_seed["mix"], per_seed["q-budget"]),
-        "influence_minus_random": _paired(per_seed["influence"], per_seed["random"]),
-        "mix_minus_random": _paired(per_seed["mix"], per_seed["random"]),
-        "pools": [_public(p) for p in pools],
+        "mix_minus_q": paired_difference(per_seed["mix"], per_seed["q"]),
+        "mix_minus_q_budget": paired_difference(per_seed["mix"], per_seed["q-budget"]),
+        "influence_minus_random": paired_difference(per_seed["influence"], per_seed["random"]),
+        "mix_minus_random": paired_difference(per_seed["mix"], per_seed["random"]),
+        "pools": [public(p) for p in pools],
         "influence": influence,
         "seconds": time.perf_counter() - t_start,
     }

@@ -30,10 +30,11 @@ from dits.artifacts import (
     write_json_atomic,
     write_text_atomic,
 )
-from dits.evaluate import EvalRecord, paired_bootstrap, paired_metrics
+from dits.evaluate import EvalRecord, paired_metrics
 from dits.ledger import COUNTERS
 from dits.records import InfluenceScore, PreferencePair, pair_key
 from dits.select import needs_scores
+from dits.stats import paired_bootstrap
 
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
