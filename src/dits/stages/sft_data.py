@@ -251,6 +251,7 @@ def build_sft_data(
     t_norm: float | None = None,
     nll_engine: Engine | None = None,
     progress: bool = False,
+    batch: int = 256,
     executor: Executor | None = None,
     model: ModelRef | None = None,
 ) -> SftData:
@@ -270,6 +271,7 @@ def build_sft_data(
         t_norm=t_norm,
         nll_engine=nll_engine,
         progress=progress,
+        batch=batch,
         executor=executor,
         model=model,
         store=Path(out_dir) / DIALOGUES_FILE if out_dir is not None else None,
