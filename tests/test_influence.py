@@ -11,7 +11,6 @@ makes the weights matter.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import uuid
 
@@ -24,18 +23,14 @@ from dits.mas.protocol import ProtocolConfig, prefixed, render_view, turn_prefix
 from dits.records import PreferencePair
 from dits.tasks.builtin import make_builtin
 from dits.tasks.example import Example
+from tests.helpers import INFLUENCE_PROTOCOL, hash_metric
 from tests.threads import one_torch_thread
 
-PROTOCOL = ProtocolConfig(max_turns=2, max_new_tokens=12, worked_example=False)
 EPS = 1e-2
 """SGD step size for the finite difference. A 10x smaller step makes float32 log-prob noise (~1e-5 nats per
 conversation) the larger error (~4%, up to 20% at 1e-4); the curvature error of this step is removed by
 Richardson extrapolation (see the test)."""
 FD_TOLERANCE = 0.10
-
-
-def hash_metric(example: Example, transcript: Transcript) -> float:
-    return int(hashlib.sha256("|".join(transcript.texts).encode()).hexdigest()[:8], 16) / 2**32
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,7 +86,7 @@ def chunks() -> list[list[PreferencePair]]:
             q_rejected=0.0,
             visits_chosen=1,
             visits_rejected=1,
-            prompt=render_view(ex, [], 0, PROTOCOL),
+            prompt=render_view(ex, [], 0, INFLUENCE_PROTOCOL),
         )
         for i, ex in enumerate(train)
     ]
@@ -102,7 +97,7 @@ def _prepared(engine, adapter, val_examples, estimator: str, **cfg) -> Influence
     est = make_estimator(
         InfluenceConfig(estimator=estimator, val_tasks=2, samples_per_task=2, seed=0, **cfg), hash_metric
     )
-    est.prepare(engine, adapter, val_examples, PROTOCOL)
+    est.prepare(engine, adapter, val_examples, INFLUENCE_PROTOCOL)
     return est
 
 
@@ -173,9 +168,9 @@ def _manual_logp(engine, example: Example, transcript: Transcript, temperature: 
     total = 0.0
     with torch.no_grad():
         for k, turn in enumerate(transcript.turns):
-            view = render_view(example, texts[:k], turn.speaker, PROTOCOL)
+            view = render_view(example, texts[:k], turn.speaker, INFLUENCE_PROTOCOL)
             head = tok.apply_chat_template(view, add_generation_prompt=True, tokenize=False)
-            prefix = turn_prefix(turn.speaker, PROTOCOL)
+            prefix = turn_prefix(turn.speaker, INFLUENCE_PROTOCOL)
             prompt = tok(head + prefix, add_special_tokens=False)["input_ids"]
             # The turn as the protocol renders it, tokenised whole: its tokens after the prompt's.
             full = tok(head + prefixed(prefix, turn.text), add_special_tokens=False)["input_ids"]
@@ -267,7 +262,7 @@ def test_retention_is_the_derivative_of_the_metric_weighted_greedy_likelihood(
     previous = engine.active_adapter
     engine.set_adapter(adapter)
     try:
-        greedy = run_dialogues(engine, val_examples, PROTOCOL, temperature=0.0)
+        greedy = run_dialogues(engine, val_examples, INFLUENCE_PROTOCOL, temperature=0.0)
         assert [c.transcript for c in retention.cache] == greedy  # type: ignore[attr-defined]
         metrics = [hash_metric(ex, tr) for ex, tr in zip(val_examples, greedy, strict=True)]
 
@@ -299,7 +294,7 @@ def test_retention_with_no_scoring_conversation_warns_and_scores_zero(
     instead of letting selection rank by ties silently."""
     est = make_estimator(InfluenceConfig(estimator="retention", val_tasks=2, lr=1.0), lambda ex, tr: 0.0)
     with caplog.at_level("WARNING", logger="dits.influence.retention"):
-        est.prepare(engine, adapter, val_examples, PROTOCOL)
+        est.prepare(engine, adapter, val_examples, INFLUENCE_PROTOCOL)
     assert "none of the 2 greedy validation conversations scores" in caplog.text
     assert [s.score for s in est.score(chunks)] == [0.0, 0.0]
 

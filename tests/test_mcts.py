@@ -7,7 +7,6 @@ is a known function of the transcript, so every statistic can be recounted by br
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 
 import numpy as np
@@ -25,88 +24,7 @@ from dits.search.mcts import (
     selection_distribution,
 )
 from dits.search.tree import ROOT_ID, Node, Tree
-
-# Near-duplicates on purpose: "42." / "42!" (1/25) and "42?" / "42??" (1/29) merge at 0.1, and the answer
-# lines differ by one character from each other (filtered at 0.25, not merged).
-VOCAB = {
-    0: [
-        "Alice: I think it is 42.",
-        "Alice: I think it is 42!",
-        "Alice: no idea, sorry",
-        "Alice: the answer is <A>7</A>",
-        "Alice: the answer is <A>42</A>",
-    ],
-    1: [
-        "Bob: are you sure about 42?",
-        "Bob: are you sure about 42??",
-        "Bob: I disagree with that",
-        "Bob: the answer is <A>42</A>",
-        "Bob: the answer is <A>7</A>",
-    ],
-}
-MAX_TURNS = 6
-_ANSWER = re.compile(r"<A>(.*?)</A>")
-
-
-def _answer(utterance: str) -> str | None:
-    m = _ANSWER.search(utterance)
-    return m.group(1) if m else None
-
-
-def ended(conversation: list[str]) -> bool:
-    """Stop rule: a parsed answer equal to the previous parsed answer, or MAX_TURNS utterances."""
-    last = None
-    for i, u in enumerate(conversation):
-        a = _answer(u)
-        if a is not None:
-            if a == last:
-                return True
-            last = a
-        if i + 1 >= MAX_TURNS:
-            return True
-    return False
-
-
-def reward_of(conversation: list[str]) -> float:
-    """A known function of the texts: share of utterances mentioning 42, +1 if the agreed answer is 42."""
-    if not conversation:
-        return 0.0
-    share = sum("42" in u for u in conversation) / len(conversation)
-    final = _answer(conversation[-1])
-    return share + (1.0 if final == "42" and ended(conversation) and len(conversation) < MAX_TURNS else 0.0)
-
-
-class ScriptedRollouter:
-    """Deterministic in each request's seed; records every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[RolloutRequest]] = []
-
-    def __call__(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
-        self.calls.append(list(requests))
-        return [self.one(r) for r in requests]
-
-    @staticmethod
-    def one(req: RolloutRequest) -> RolloutResult:
-        rng = np.random.default_rng(req.seed)
-        conv = list(req.prefix)
-        cont: list[str] = []
-        while not ended(conv):
-            u = VOCAB[len(conv) % 2][int(rng.integers(len(VOCAB[0])))]
-            conv.append(u)
-            cont.append(u)
-        r = reward_of(conv)
-        return RolloutResult(
-            continuation=cont,
-            reward=r,
-            metric=float(r > 1),
-            stop_reason="max_turns" if len(conv) >= MAX_TURNS else "agree",
-            tokens=sum(len(u.split()) for u in cont),
-        )
-
-
-TASKS = ["task-a", "task-b", "task-c", "task-d"]
-
+from tests.helpers import TASKS, ScriptedRollouter, reward_of
 
 # -- independent brute-force helpers ------------------------------------------------------------------
 

@@ -176,7 +176,7 @@ def test_ties_break_by_creation_order() -> None:
 def test_mine_tree_pairs_renders_the_prompt_and_prefix_for_the_speaker() -> None:
     from dits.mas.protocol import ProtocolConfig, render_view
     from dits.search.pairs import PairConfig
-    from tests.test_rollout import EXAMPLES
+    from tests.helpers import EXAMPLES
 
     tree = _hand_tree()
     example = EXAMPLES[0].model_copy(update={"id": "hand"})

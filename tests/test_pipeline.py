@@ -331,7 +331,7 @@ def test_the_reward_keeps_the_initial_model_after_a_full_fine_tune(monkeypatch):
     stages hand the reward for its readability NLLs stays one of the initial weights."""
     from dits.config import parse_config
     from dits.stages.context import EngineHolder, ModelRef
-    from tests.test_rollout import SeededEngine
+    from tests.helpers import SeededEngine
 
     built: list[str | None] = []
 
@@ -360,7 +360,7 @@ def test_vllm_full_fine_tune_rebuilds_the_served_engine_and_keeps_an_initial_sco
     initial weights without a second vLLM."""
     from dits.config import parse_config
     from dits.stages.context import EngineHolder, ModelRef
-    from tests.test_rollout import SeededEngine
+    from tests.helpers import SeededEngine
 
     made: list[tuple[str, str]] = []
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dits.engine import precision
-from tests.test_train import PAIRS
+from tests.helpers import DPO_PAIRS
 from tests.threads import one_torch_thread
 
 CPUINFO = """processor\t: 0
@@ -126,7 +126,7 @@ def _dpo_step(engine, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
                 grads[n] = t.grad.detach().double().clone()
                 before[n] = t.detach().double().clone()
 
-    with dpo_trainer(engine, PAIRS, cfg) as trainer:
+    with dpo_trainer(engine, DPO_PAIRS, cfg) as trainer:
 
         def trained() -> dict[str, torch.nn.Parameter]:
             if full:

@@ -10,13 +10,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
-from dits.engine.base import Completion, Engine, SamplingParams, ScoredCompletion, View
-from dits.ledger import Ledger
+from dits.engine.base import Engine, View
 from dits.mas.dialogue import Transcript, Turn, parse_turn, run_dialogues
 from dits.mas.protocol import ProtocolConfig, render_view, speaker_of
 from dits.reward import RewardConfig, compute_reward, utterance_nlls
@@ -26,100 +24,9 @@ from dits.search.textdist import normalized_distance
 from dits.search.tree import ROOT_ID, Tree
 from dits.seeding import derive_seed
 from dits.tasks.example import Example
+from tests.helpers import EXAMPLES, SeededEngine
 from tests.threads import one_torch_thread
 
-UTTERANCES = {
-    0: [
-        "My notes say Zorvath lives in Melbrook.",
-        "<A>Melbrook</A>",
-        "I do not know where anyone lives, sorry about that, truly I do not know it at all",
-        "Where does Zorvath live? <A>Varn</A>",
-    ],
-    1: [
-        "<A>Melbrook</A>",
-        "<A>Varn</A>",
-        "My notes do not mention Zorvath.",
-        "Bob thinks and thinks and thinks and thinks and thinks and thinks about it",
-    ],
-}
-
-
-class SeededEngine(Engine):
-    """Picks an utterance by the row seed; reports one more generated token than ``count_tokens`` gives,
-    so a prefix rebuilt from text alone would get a different reward than the one it was sampled with."""
-
-    def __init__(self) -> None:
-        self.ledger = Ledger(params=1)
-        self.calls: list[tuple[list[View], SamplingParams, list[int]]] = []
-        self.score_calls = 0
-        self._adapter: str | None = None
-
-    def generate(
-        self, views: Sequence[View], sampling: SamplingParams, seeds: Sequence[int] | None = None
-    ) -> list[list[Completion]]:
-        seeds = list(seeds) if seeds is not None else list(range(len(views)))
-        self.calls.append((list(views), sampling, seeds))
-        out = []
-        for view, seed in zip(views, seeds, strict=True):
-            speaker = 0 if view[0]["content"].startswith("You are Alice") else 1
-            pool = UTTERANCES[speaker]
-            words = pool[int(np.random.default_rng(seed).integers(len(pool)))].split()
-            cut = len(words) > sampling.max_new_tokens
-            words = words[: sampling.max_new_tokens]
-            text = " " + " ".join(words)
-            n = len(words) + 1
-            self.ledger.charge(generated_tokens=n)
-            out.append([Completion(text, list(range(n)), 10, n, "length" if cut else "stop", n)])
-        return out
-
-    def score(
-        self, views: Sequence[View], completions: Sequence[str], prefix: str = ""
-    ) -> list[ScoredCompletion]:
-        self.score_calls += 1
-        return [
-            ScoredCompletion(list(range(len(c.split()))), [-0.1 * (len(w) % 7 + 1) for w in c.split()])
-            for c in completions
-        ]
-
-    def score_alone(self, texts: Sequence[str], prefix: str = "") -> list[ScoredCompletion]:
-        return self.score([[] for _ in texts], texts, prefix)
-
-    def load_adapter(self, name: str, path: str) -> None:
-        raise NotImplementedError
-
-    def set_adapter(self, name: str | None) -> None:
-        self._adapter = name
-
-    @property
-    def active_adapter(self) -> str | None:
-        return self._adapter
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-
-EXAMPLES = [
-    Example(
-        id="ex-a",
-        dataset="facts",
-        split="train",
-        question="In which city does Zorvath live?",
-        answers=["Melbrook"],
-        contexts=["Zorvath lives in Melbrook.", ""],
-        mode="exchange",
-        metric="f1",
-    ),
-    Example(
-        id="ex-b",
-        dataset="facts",
-        split="train",
-        question="In which city does Kelo live?",
-        answers=["Varn"],
-        contexts=["", "Kelo lives in Varn."],
-        mode="exchange",
-        metric="f1",
-    ),
-]
 BY_ID = {ex.id: ex for ex in EXAMPLES}
 PROTO = ProtocolConfig(max_turns=5, max_new_tokens=12)
 REWARD = RewardConfig(min_tokens=0)

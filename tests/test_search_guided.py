@@ -1,7 +1,7 @@
 """Influence-guided search: λ = 0 is the Q-value search exactly; λ ≠ 0 moves selection as computed by hand.
 
 The estimator is replaced by fixed per-pair scores (a function of the pair), so every Î is known; the
-model side is the scripted rollouter of ``test_mcts`` (and the seeded engine of ``test_rollout`` for the
+model side is the scripted rollouter of ``tests.helpers`` (and its seeded engine for the
 ``grow_pool`` path).
 """
 
@@ -23,9 +23,16 @@ from dits.search.mcts import SearchConfig, run_search, selection_distribution
 from dits.search.tree import ROOT_ID, Tree
 from dits.stages.context import ModelRef, StageContext
 from dits.stages.search import SearchSummary, grow_pool, search_stage
-from tests.test_mcts import TASKS, ScriptedRollouter
-from tests.test_rollout import EXAMPLES, SeededEngine
-from tests.test_stages_search import LOW, _cfg, _many, _tree_lines
+from tests.helpers import (
+    EXAMPLES,
+    LOW,
+    TASKS,
+    ScriptedRollouter,
+    SeededEngine,
+    many_examples,
+    search_config,
+    tree_lines,
+)
 from tests.threads import one_torch_thread
 
 
@@ -87,8 +94,8 @@ def test_lambda_zero_grows_the_plain_trees_and_never_scores(policy: str, seed: i
 
 
 def test_lambda_zero_synthesize_writes_the_plain_trees(tmp_path) -> None:
-    examples = _many(4)
-    cfg = _cfg()
+    examples = many_examples(4)
+    cfg = search_config()
     grow_pool(SeededEngine(), examples, cfg, tmp_path / "plain", shard_size=2, progress=False, pairs=LOW)
     guide = InfluenceGuide(GuideConfig(lam=0.0), Forbidden())
     s = grow_pool(
@@ -101,7 +108,7 @@ def test_lambda_zero_synthesize_writes_the_plain_trees(tmp_path) -> None:
         pairs=LOW,
         guide=guide,
     )
-    assert _tree_lines(tmp_path / "guided" / "trees.jsonl") == _tree_lines(tmp_path / "plain" / "trees.jsonl")
+    assert tree_lines(tmp_path / "guided" / "trees.jsonl") == tree_lines(tmp_path / "plain" / "trees.jsonl")
     assert s.guide_pairs_scored == 0
 
 
@@ -237,8 +244,8 @@ def test_refresh_schedule_scores_each_pair_once_and_charges_its_cost() -> None:
 
 
 def test_synthesize_with_a_guide_counts_its_scoring_and_keys_the_manifest(tmp_path) -> None:
-    examples = _many(2)
-    cfg = _cfg()
+    examples = many_examples(2)
+    cfg = search_config()
     guided_cfg = parse_config({**json.loads(cfg.model_dump_json()), "guide": {"lam": 2.0}})
     guide = InfluenceGuide(guided_cfg.guide, FixedScores(hashed), explore=cfg.search.explore)
     s = grow_pool(

@@ -20,7 +20,7 @@ from dits.records import InfluenceScore, PreferencePair, pair_key
 from dits.stages.context import ModelRef, Product, StageContext
 from dits.stages.influence import influence_stage, score_pool
 from dits.tasks.builtin import make_builtin
-from tests.test_influence import PROTOCOL, hash_metric
+from tests.helpers import INFLUENCE_PROTOCOL, hash_metric
 from tests.threads import one_torch_thread
 
 THETA = "test-theta"
@@ -36,7 +36,7 @@ def _cfg(task: dict | None = None, **influence) -> RunConfig:
     return parse_config(
         {
             "engine": {"dtype": "float32"},  # the shared engine's
-            "protocol": PROTOCOL.model_dump(mode="json"),
+            "protocol": INFLUENCE_PROTOCOL.model_dump(mode="json"),
             "task": {"dataset": "facts", "dev": 1, **(task or {})},
             "influence": {"estimator": "gradient", "chunk_size": 1, "samples_per_task": 2, "optimizer": "sgd",
                           "lr": 1e-3, **influence},
@@ -62,8 +62,8 @@ def _pairs() -> list[PreferencePair]:
                 q_rejected=0.0,
                 visits_chosen=1,
                 visits_rejected=1,
-                prompt=render_view(ex, [], 0, PROTOCOL),
-                response_prefix=turn_prefix(0, PROTOCOL),
+                prompt=render_view(ex, [], 0, INFLUENCE_PROTOCOL),
+                response_prefix=turn_prefix(0, INFLUENCE_PROTOCOL),
             )
         )
     return out

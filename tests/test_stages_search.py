@@ -29,30 +29,9 @@ from dits.stages.search import grow_pool, search_stage
 from dits.tasks.builtin import make_builtin
 from dits.tasks.source import examples_for
 from dits.train.rows import preference_rows
-from tests.test_rollout import EXAMPLES, SeededEngine
+from tests.helpers import LOW, SeededEngine, many_examples, search_config, tree_lines
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _many(n: int):
-    return [ex.model_copy(update={"id": f"{ex.id}-{i}"}) for i in range(n // 2) for ex in EXAMPLES]
-
-
-def _cfg(**search) -> RunConfig:
-    return parse_config(
-        {
-            "search": {"explore": 3, "expand": 2, **search},
-            "protocol": {"max_turns": 5, "max_new_tokens": 12},
-            "reward": {"min_tokens": 0},
-        }
-    )
-
-
-LOW = PairConfig(tau=-10.0, min_gap=0.0)
-
-
-def _tree_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # -- files -------------------------------------------------------------------------------------------
@@ -106,8 +85,8 @@ class CrashingEngine(SeededEngine):
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
-    examples = _many(6)
-    cfg = _cfg()
+    examples = many_examples(6)
+    cfg = search_config()
     ref_engine = SeededEngine()
     ref = grow_pool(ref_engine, examples, cfg, tmp_path / "ref", shard_size=2, progress=False, pairs=LOW)
     assert ref.trees_new == 6 and ref.pairs > 0
@@ -115,17 +94,17 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     crashing = CrashingEngine(crash_after=len(ref_engine.calls) // 2)  # dies in the middle shard
     with pytest.raises(Crash):
         grow_pool(crashing, examples, cfg, tmp_path / "run", shard_size=2, progress=False, pairs=LOW)
-    partial = _tree_lines(tmp_path / "run" / "trees.jsonl")
+    partial = tree_lines(tmp_path / "run" / "trees.jsonl")
     assert 0 < len(partial) < 6
 
     engine = SeededEngine()
     resumed = grow_pool(engine, examples, cfg, tmp_path / "run", shard_size=2, progress=False, pairs=LOW)
     assert resumed.trees_new == 6 - len(partial)
-    lines = _tree_lines(tmp_path / "run" / "trees.jsonl")
+    lines = tree_lines(tmp_path / "run" / "trees.jsonl")
     assert lines[: len(partial)] == partial
     ids = [t["task_id"] for t in lines]
     assert len(ids) == len(set(ids)) == 6
-    ref_lines = _tree_lines(tmp_path / "ref" / "trees.jsonl")
+    ref_lines = tree_lines(tmp_path / "ref" / "trees.jsonl")
     key = lambda t: t["task_id"]  # noqa: E731
     assert sorted(lines, key=key) == sorted(ref_lines, key=key)
     assert (tmp_path / "run" / "pairs.jsonl").read_text() == (tmp_path / "ref" / "pairs.jsonl").read_text()
@@ -140,8 +119,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
 def test_a_shard_cut_short_is_regrown_whole_and_only_its_missing_trees_written(tmp_path):
     import shutil
 
-    examples = _many(6)
-    cfg = _cfg()
+    examples = many_examples(6)
+    cfg = search_config()
     grow_pool(SeededEngine(), examples, cfg, tmp_path / "ref", shard_size=2, progress=False, pairs=LOW)
     shutil.copytree(tmp_path / "ref", tmp_path / "run")
     trees_file = tmp_path / "run" / "trees.jsonl"
@@ -157,8 +136,8 @@ def test_a_shard_cut_short_is_regrown_whole_and_only_its_missing_trees_written(t
 
 
 def test_t_norm_is_calibrated_once_and_persisted(tmp_path):
-    examples = _many(4)
-    cfg = _cfg(explore=1)
+    examples = many_examples(4)
+    cfg = search_config(explore=1)
     first = grow_pool(SeededEngine(), examples[:2], cfg, tmp_path, shard_size=2, progress=False)
     stored = json.loads((tmp_path / "t_norm.json").read_text())
     assert stored["t_norm"] == first.t_norm and stored["example_ids"] == [ex.id for ex in examples[:2]]
@@ -174,22 +153,22 @@ def test_t_norm_is_calibrated_once_and_persisted(tmp_path):
 def test_a_different_config_is_refused(tmp_path):
     """The search stage (what ``dits synthesize`` and the pipeline run) refuses to mix trees of two
     configs in one directory, naming the key."""
-    examples = _many(2)
+    examples = many_examples(2)
 
     def run(cfg: RunConfig) -> None:
         ctx = StageContext.single(cfg, tmp_path, engine=SeededEngine(), progress=False)
         search_stage(ctx, 0, None, ModelRef.base(cfg), examples)
 
-    run(_cfg(explore=1))
+    run(search_config(explore=1))
     assert (tmp_path / "manifest.json").exists() and read_jsonl(tmp_path / "trees.jsonl", Tree)
     with pytest.raises(StageChanged, match=r"search\.explore: 1 -> 2"):
-        run(_cfg(explore=2))
+        run(search_config(explore=2))
 
 
 def test_pairs_with_a_turn_prefix_render_like_the_protocol(tmp_path):
     proto = ProtocolConfig(max_turns=5, max_new_tokens=12, turn_prefix=True)
-    cfg = _cfg().model_copy(update={"protocol": proto})
-    examples = _many(2)
+    cfg = search_config().model_copy(update={"protocol": proto})
+    examples = many_examples(2)
     grow_pool(SeededEngine(), examples, cfg, tmp_path, progress=False, pairs=LOW)
     pairs = read_jsonl(tmp_path / "pairs.jsonl", PreferencePair)
     trees = {t.task_id: t for t in read_jsonl(tmp_path / "trees.jsonl", Tree)}
@@ -351,7 +330,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
     )
     assert done.returncode == 0, done.stderr[-2000:]
 
-    got, ref = _tree_lines(trees_file), _tree_lines(ref_dir / "trees.jsonl")
+    got, ref = tree_lines(trees_file), tree_lines(ref_dir / "trees.jsonl")
     ids = [t["task_id"] for t in got]
     assert len(ids) == len(set(ids)) == 4
     assert trees_file.read_bytes().startswith(before)  # the trees found were kept, not regrown

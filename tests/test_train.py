@@ -11,46 +11,16 @@ import uuid
 import pytest
 import torch
 
-from dits.records import PreferencePair
+from tests.helpers import DPO_PAIRS, V_KELO, V_SUM, make_pair
 from tests.threads import one_torch_thread
 
-V_SUM = [
-    {"role": "system", "content": "You are Alice. Give the answer as <A>answer</A>."},
-    {"role": "user", "content": "Problem: What is 2 + 3?"},
-]
-V_KELO = [
-    {"role": "system", "content": "You are Bob. Give the answer as <A>answer</A>."},
-    {"role": "user", "content": "Question: Where does Kelo live?\nYour notes:\nKelo lives in Varn."},
-]
 V_LONG = [
     {"role": "system", "content": "You are Bob. Give the answer as <A>answer</A>."},
     {"role": "user", "content": "Question: Where does Kelo live?\nYour notes:\n" + "Kelo likes tea. " * 40},
 ]
 
 
-def _pair(i: int, view, chosen: str, rejected: str) -> PreferencePair:
-    return PreferencePair(
-        tree_task_id=f"task{i}",
-        node_id=f"n{i}",
-        prefix=[],
-        speaker=0,
-        chosen=chosen,
-        rejected=rejected,
-        chosen_id=f"c{i}",
-        rejected_id=f"r{i}",
-        q_chosen=1.0,
-        q_rejected=0.0,
-        visits_chosen=1,
-        visits_rejected=1,
-        prompt=view,
-    )
-
-
-PAIRS = [
-    _pair(0, V_SUM, "2 + 3 = 5. <A>5</A>", "2 + 3 = 6. <A>6</A>"),
-    _pair(1, V_KELO, "<A>Varn</A>", "I do not know."),
-]
-LONG_PAIR = _pair(2, V_LONG, "<A>Varn</A>", "No idea.")
+LONG_PAIR = make_pair(2, V_LONG, "<A>Varn</A>", "No idea.")
 SFT_ROWS = [
     {"prompt": V_SUM, "completion": [{"role": "assistant", "content": "2 + 3 = 5. <A>5</A>"}]},
     {"prompt": V_KELO, "completion": [{"role": "assistant", "content": "Kelo lives in Varn. <A>Varn</A>"}]},
@@ -165,7 +135,7 @@ def test_length_check_drops_or_names_the_long_pair(engine):
     from dits.train.dpo import check_dpo_lengths, train_dpo
     from dits.train.rows import TruncationError
 
-    pairs = [*PAIRS, LONG_PAIR]
+    pairs = [*DPO_PAIRS, LONG_PAIR]
     full = check_dpo_lengths(engine.tokenizer, pairs, _cfg())
     assert full.dropped == [] and full.kept == [0, 1, 2]  # default: the longest pair sets the limit
     long_len = _independent_tokens(engine, V_LONG, [[{"role": "assistant", "content": "<A>Varn</A>"}]])
@@ -173,7 +143,7 @@ def test_length_check_drops_or_names_the_long_pair(engine):
 
     short = max(
         _independent_tokens(engine, p.prompt, [[{"role": "assistant", "content": c}]])
-        for p in PAIRS
+        for p in DPO_PAIRS
         for c in (p.chosen, p.rejected)
     )
     assert short < long_len
@@ -254,11 +224,11 @@ def test_sft_masks_the_prompt_raises_completion_logprob_and_charges_tokens(engin
 def test_dpo_from_an_adapter_raises_the_margin_against_that_adapter(engine, noisy_adapter, tmp_path):
     from dits.train.dpo import check_dpo_lengths, train_dpo
 
-    pairs = [*PAIRS, LONG_PAIR]
-    short = check_dpo_lengths(engine.tokenizer, PAIRS, _cfg()).max_length
+    pairs = [*DPO_PAIRS, LONG_PAIR]
+    short = check_dpo_lengths(engine.tokenizer, DPO_PAIRS, _cfg()).max_length
     cfg = _cfg(max_length=short)  # LONG_PAIR does not fit: dropped and counted, not truncated
-    start_c, start_r = _turn_logps(engine, noisy_adapter, PAIRS)
-    base_c, _ = _turn_logps(engine, None, PAIRS)
+    start_c, start_r = _turn_logps(engine, noisy_adapter, DPO_PAIRS)
+    base_c, _ = _turn_logps(engine, None, DPO_PAIRS)
     assert (start_c - base_c).abs().max() > 0.05  # so "reference = base" would show below
     adapters_before, ledger_before = _adapters(engine), engine.ledger.snapshot()
     name = _name("dpo")
@@ -271,7 +241,7 @@ def test_dpo_from_an_adapter_raises_the_margin_against_that_adapter(engine, nois
         first = result.log_history[0]
         # The reference is the start adapter: at the first step policy == reference, so both rewards are 0.
         assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
-        end_c, end_r = _turn_logps(engine, name, PAIRS)
+        end_c, end_r = _turn_logps(engine, name, DPO_PAIRS)
         assert ((end_c - end_r) - (start_c - start_r) > 0).all()  # chosen-minus-rejected margin went up
         assert _adapters(engine) == sorted([*adapters_before, name]) and engine.active_adapter is None
         assert "forward" not in engine.base.__dict__
@@ -280,7 +250,7 @@ def test_dpo_from_an_adapter_raises_the_margin_against_that_adapter(engine, nois
             _independent_tokens(
                 engine, p.prompt, [[{"role": "assistant", "content": c}] for c in (p.chosen, p.rejected)]
             )
-            for p in PAIRS
+            for p in DPO_PAIRS
         )
         assert result.trained_tokens == spent.trained_tokens == 2 * pairs_tokens  # 2 epochs, both sequences
         assert result.reference_tokens == 2 * pairs_tokens  # the reference forward, charged as scoring
@@ -301,7 +271,7 @@ def test_a_fresh_lora_does_not_depend_on_the_global_rng(engine, tmp_path):
         name = _name(tag)
         before = torch.get_rng_state()
         try:
-            train_dpo(engine, PAIRS, _cfg(max_steps=1).model_copy(update={"seed": seed}), tmp_path / tag,
+            train_dpo(engine, DPO_PAIRS, _cfg(max_steps=1).model_copy(update={"seed": seed}), tmp_path / tag,
                       adapter_name=name)  # fmt: skip
         finally:
             _drop_adapter(engine, name)
@@ -321,20 +291,20 @@ def test_dpo_loss_equals_trl_loss(engine, noisy_adapter, tmp_path):
     cfg = _cfg()
     engine.model.save_pretrained(tmp_path, selected_adapters=[noisy_adapter])
     saved = str(tmp_path / noisy_adapter)  # start from the adapter on disk this time
-    with dpo_trainer(engine, PAIRS, cfg, init_adapter=saved) as trainer:
+    with dpo_trainer(engine, DPO_PAIRS, cfg, init_adapter=saved) as trainer:
         assert engine.active_adapter == TRAIN_ADAPTER
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():  # move the policy away from the reference so the loss is not log 2
             for n, p in engine.adapter_parameters(TRAIN_ADAPTER).items():
                 if "lora_B" in n:
                     p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(DPO_PAIRS))])
         with torch.no_grad():
             trl_loss = float(trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch)))
         engine.set_adapter(REF_ADAPTER)
-        ref = reference_logps(engine, PAIRS)
+        ref = reference_logps(engine, DPO_PAIRS)
         engine.set_adapter(TRAIN_ADAPTER)
-        ours = dpo_loss(engine, PAIRS, cfg.dpo.beta, ref)
+        ours = dpo_loss(engine, DPO_PAIRS, cfg.dpo.beta, ref)
         assert ours.requires_grad
     ours = float(ours.detach())
     assert abs(ours - trl_loss) < 1e-5, (ours, trl_loss)
@@ -349,7 +319,7 @@ def test_shared_prompt_keeps_the_gradient_of_separate_rows(engine, noisy_adapter
     from dits.train.step import sequence_logps
 
     params = engine.adapter_parameters(noisy_adapter)
-    pair = PAIRS[0]
+    pair = DPO_PAIRS[0]
     texts = [assistant_turn_text(engine.tokenizer, pair.prompt, t) for t in (pair.chosen, pair.rejected)]
 
     def grad(together: bool) -> tuple[dict[str, torch.Tensor], int]:
@@ -397,23 +367,23 @@ def test_one_step_then_restore_is_exact_and_lr0_changes_nothing(engine, noisy_ad
     saved = {n: p.detach().clone() for n, p in params.items()}
     others = {n: p.detach().clone() for n, p in engine.model.named_parameters() if n not in params}
     active = engine.active_adapter
-    start_c, start_r = _turn_logps(engine, noisy_adapter, PAIRS[:1])
+    start_c, start_r = _turn_logps(engine, noisy_adapter, DPO_PAIRS[:1])
 
     def grad_flags() -> dict[str, bool]:
         return {n: p.requires_grad for n, p in engine.model.named_parameters()}
 
     flags = grad_flags()
     ledger_before = engine.ledger.snapshot()
-    handle = one_step(engine, noisy_adapter, PAIRS[:1], lr=1e-2, beta=0.1)
+    handle = one_step(engine, noisy_adapter, DPO_PAIRS[:1], lr=1e-2, beta=0.1)
     assert engine.active_adapter == active and grad_flags() == flags
     assert all(p.grad is None for p in engine.model.parameters())
     assert handle.update_norm > 0 and handle.grad_norm > 0
     assert abs(handle.loss - 0.6931471805599453) < 1e-5  # reference = the adapter before the step
     assert any(not torch.equal(p, saved[n]) for n, p in params.items())
-    moved_c, moved_r = _turn_logps(engine, noisy_adapter, PAIRS[:1])
+    moved_c, moved_r = _turn_logps(engine, noisy_adapter, DPO_PAIRS[:1])
     assert float((moved_c - moved_r) - (start_c - start_r)) > 0  # one step in the DPO direction
     spent = engine.ledger.snapshot() - ledger_before
-    p = PAIRS[0]
+    p = DPO_PAIRS[0]
     seq_tokens = _independent_tokens(
         engine, p.prompt, [[{"role": "assistant", "content": c}] for c in (p.chosen, p.rejected)]
     )
@@ -424,9 +394,9 @@ def test_one_step_then_restore_is_exact_and_lr0_changes_nothing(engine, noisy_ad
     assert all(torch.equal(p, saved[n]) for n, p in params.items())
 
     flags = grad_flags()
-    with one_step(engine, noisy_adapter, PAIRS, lr=0.0, beta=0.1, optimizer="adamw"):
+    with one_step(engine, noisy_adapter, DPO_PAIRS, lr=0.0, beta=0.1, optimizer="adamw"):
         assert all(torch.equal(p, saved[n]) for n, p in params.items())
-    with one_step(engine, noisy_adapter, PAIRS[:1], lr=0.0, beta=0.1, optimizer="sgd") as h:
+    with one_step(engine, noisy_adapter, DPO_PAIRS[:1], lr=0.0, beta=0.1, optimizer="sgd") as h:
         assert h.update_norm == 0.0
     assert all(torch.equal(p, saved[n]) for n, p in params.items())
     assert all(torch.equal(p, others[n]) for n, p in engine.model.named_parameters() if n in others)
@@ -447,7 +417,7 @@ def test_full_finetune_dpo_trains_the_base_against_precomputed_reference(tmp_pat
         {"full_finetune": True, "dpo": {"lr": 1e-5, "batch_size": 2, "max_steps": 1}}
     )
     before = own.base.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    result = train_dpo(own, PAIRS, cfg, tmp_path / "full")
+    result = train_dpo(own, DPO_PAIRS, cfg, tmp_path / "full")
     assert result.full_finetune and result.adapter_name is None and result.steps == 1
     assert abs(result.log_history[0]["rewards/chosen"]) < 1e-6  # reference = the model before the step
     assert not torch.equal(before, own.base.model.layers[0].self_attn.q_proj.weight)
@@ -455,4 +425,4 @@ def test_full_finetune_dpo_trains_the_base_against_precomputed_reference(tmp_pat
     assert "forward" not in own.base.__dict__ and not own.base.training
     assert result.trained_tokens == result.reference_tokens == own.ledger.counts.trained_tokens
     with pytest.raises(ValueError, match="init_adapter"):
-        train_dpo(own, PAIRS, cfg, tmp_path / "again", init_adapter="sft")
+        train_dpo(own, DPO_PAIRS, cfg, tmp_path / "again", init_adapter="sft")
