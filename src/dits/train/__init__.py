@@ -1,8 +1,9 @@
 """SFT and DPO on TRL + PEFT, and the one-step DPO probe the influence estimators use.
 
 ``rows`` (TRL rows and length checks), ``staging`` (the engine's model staged for a trainer and restored),
-``trainer`` (arguments, saving, :class:`TrainResult`), ``sft``, ``dpo``, ``step`` (the one-step probe),
-``config`` (the ``train`` section).
+``trainer`` (the base both trainers share: length check, staging, token counts and ledger, saving,
+:class:`TrainResult`), ``sft`` and ``dpo`` (what each adds to it), ``step`` (the one-step probe), ``config``
+(the ``train`` section).
 
 Imported lazily: ``dits.train.config`` is light, the trainers pull in TRL (seconds to import).
 """

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "LengthCheck",
     "RowLengths",
+    "Rows",
     "TruncationError",
     "as_messages",
     "assistant_turn_text",
@@ -36,6 +37,10 @@ __all__ = [
     "row_label",
     "sequence_lengths",
 ]
+
+
+Rows = list[dict[str, list[dict[str, str]]]]
+"""Rows in one of TRL's conversational formats: a ``prompt`` and the response(s), each a list of messages."""
 
 
 class TruncationError(ValueError):
@@ -108,7 +113,7 @@ def row_label(row: Any, i: int) -> str:
 
 def preference_rows(
     pairs: Sequence[PreferencePair | Mapping[str, Any]],
-) -> list[dict[str, list[dict[str, str]]]]:
+) -> Rows:
     """Pairs (:class:`PreferencePair` with a rendered ``prompt``, or ``{"prompt", "chosen", "rejected"}``
     mappings) as TRL conversational preference rows."""
     out = []
@@ -139,7 +144,7 @@ def preference_dataset(pairs: Sequence[PreferencePair | Mapping[str, Any]]) -> A
     return Dataset.from_list(preference_rows(pairs))
 
 
-def completion_rows(rows: Sequence[Any]) -> list[dict[str, list[dict[str, str]]]]:
+def completion_rows(rows: Sequence[Any]) -> Rows:
     """:class:`~dits.records.SftRow` records or ``{"prompt", "completion"}`` mappings as TRL
     prompt-completion rows."""
     out = []

@@ -20,7 +20,6 @@ import logging
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from dits.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REF_ADAPTER", "TRAIN_ADAPTER", "Staged", "load_result", "staged_model"]
+__all__ = ["REF_ADAPTER", "TRAIN_ADAPTER", "load_result", "staged_model"]
 
 TRAIN_ADAPTER = "default"
 """Name the adapter being trained has during a run (TRL's PEFT code path expects it)."""
@@ -70,17 +69,6 @@ def _stage_adapter(engine: TrainablePolicy, cfg: TrainConfig, init_adapter: str 
         p.requires_grad_(id(p) in trainable)
 
 
-@dataclass
-class Staged:
-    """What a trainer is given, and what the run has to undo."""
-
-    model: Any
-    full_finetune: bool
-    counts: dict[str, int] = field(
-        default_factory=lambda: {"trained": 0, "ref_prompt": 0, "ref_completion": 0}
-    )
-
-
 def _rng_state() -> tuple[Any, ...]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
@@ -96,7 +84,7 @@ def _set_rng_state(state: tuple[Any, ...]) -> None:
 
 
 @contextmanager
-def staged_model(engine: TrainablePolicy, cfg: TrainConfig, init_adapter: str | None) -> Iterator[Staged]:
+def staged_model(engine: TrainablePolicy, cfg: TrainConfig, init_adapter: str | None) -> Iterator[Any]:
     """The model a TRL trainer should train, and on exit the engine restored (see the module docstring).
 
     LoRA: ``engine.model`` with the start adapter staged as ``"default"`` and active. Full fine-tuning:
@@ -116,19 +104,18 @@ def staged_model(engine: TrainablePolicy, cfg: TrainConfig, init_adapter: str | 
                 "their layers sit inside the base model and would be trained or saved with it"
             )
         engine.hold_master_weights()
-        staged = Staged(model=engine.base, full_finetune=True)
     else:
         taken = [n for n in (TRAIN_ADAPTER, REF_ADAPTER) if n in engine.adapter_names()]
         if taken:
             raise ValueError(
                 f"adapter names {taken} are reserved for training; load adapters under other names"
             )
-        staged = Staged(model=None, full_finetune=False)
     try:
-        if not cfg.full_finetune:
+        if cfg.full_finetune:
+            yield engine.base
+        else:
             _stage_adapter(engine, cfg, init_adapter)
-            staged.model = engine.model
-        yield staged
+            yield engine.model
     finally:
         _restore(engine, base, forward_patch, grad_flags, prev_active, cfg)
         _set_rng_state(rng)
