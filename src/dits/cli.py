@@ -19,8 +19,22 @@ from typing import Any, get_args
 log = logging.getLogger("dits")
 
 
-def _config_args(p: argparse.ArgumentParser, *, path: bool = True) -> None:
-    """``--config`` (a run config YAML; its defaults if omitted) and repeatable ``--set KEY=VALUE``."""
+_FLAG = "cfg:"
+"""The ``dest`` prefix of a flag that sets a config key (its dotted key follows)."""
+
+
+def _config_args(
+    p: argparse.ArgumentParser,
+    *sections: str,
+    short: dict[str, str] | None = None,
+    path: bool = True,
+) -> None:
+    """``--config`` (a run config YAML; its defaults if omitted), repeatable ``--set KEY=VALUE``, and one
+    ``--SECTION.KEY`` flag per key of each named config section (nested sections included), built from the
+    config model itself: its description is the help, its ``Literal`` or registry the choices. ``short``
+    adds plain aliases (``{"strategy": "select.strategy"}``). A flag given beats ``--set`` and the file."""
+    from dits.config import RunConfig
+
     if path:
         p.add_argument("--config", help="run config YAML (the built-in defaults if omitted)")
     p.add_argument(
@@ -30,12 +44,84 @@ def _config_args(p: argparse.ArgumentParser, *, path: bool = True) -> None:
         metavar="KEY=VALUE",
         help="dotted config override, value parsed as YAML (repeatable), e.g. --set search.explore=2",
     )
+    aliases: dict[str, list[str]] = {}
+    for alias, key in (short or {}).items():
+        aliases.setdefault(key, []).append(f"--{alias.replace('_', '-')}")
+    group = p.add_argument_group("config keys (each overrides --config and --set)") if sections else p
+    for section in sections:
+        for key, field in _fields(RunConfig, section):
+            choices = _choices(field)
+            group.add_argument(
+                f"--{key}",
+                *aliases.pop(key, []),
+                dest=_FLAG + key,
+                metavar=None if choices else "VALUE",
+                choices=choices,
+                type=str if choices or field.annotation in (str, str | None) else _yaml,
+                help=(field.description or "").replace("%", "%%") or None,
+            )
+    if aliases:
+        raise ValueError(f"short flags for keys of no listed section: {sorted(aliases)}")
+
+
+def _fields(model: Any, prefix: str) -> list[tuple[str, Any]]:
+    """``(dotted key, FieldInfo)`` of every leaf key under ``prefix`` of ``model``."""
+    from pydantic import BaseModel
+
+    node = model
+    for part in prefix.split("."):
+        node = node.model_fields[part].annotation
+    out: list[tuple[str, Any]] = []
+    for name, field in node.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _fields(model, f"{prefix}.{name}")
+        else:
+            out.append((f"{prefix}.{name}", field))
+    return out
+
+
+def _choices(field: Any) -> Any:
+    """A field's allowed values for argparse: its ``Literal``'s, or the registry its check reads."""
+    from typing import Literal, get_origin
+
+    from pydantic import AfterValidator
+
+    from dits.registry import Registry
+
+    if get_origin(field.annotation) is Literal:
+        return [str(v) for v in get_args(field.annotation)]
+    for meta in field.metadata:
+        if isinstance(meta, AfterValidator) and isinstance(getattr(meta.func, "__self__", None), Registry):
+            return meta.func.__self__
+    return None
+
+
+def _yaml(value: str) -> Any:
+    """A flag's value as ``--set`` reads one (YAML: numbers, booleans, lists), for keys that are not text."""
+    import yaml
+
+    return yaml.safe_load(value)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--set`` items, then the ``--SECTION.KEY`` flags given."""
+    from dits.config import parse_overrides
+
+    out = parse_overrides(args.set)
+    out.update(
+        {d.removeprefix(_FLAG): v for d, v in vars(args).items() if d.startswith(_FLAG) and v is not None}
+    )
+    return out
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from dits.config import load_config, parse_overrides
+    from dits.config import ConfigError, load_config
 
-    return load_config(getattr(args, "config", None), parse_overrides(args.set))
+    try:
+        return load_config(getattr(args, "config", None), _overrides(args))
+    except ConfigError as err:
+        raise SystemExit(f"dits {args.command}: {err}") from None
 
 
 def _existing(path: str, what: str) -> Path:
@@ -50,10 +136,11 @@ def _existing(path: str, what: str) -> Path:
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     """Load the model and run one batched generation: proves the install works end to end."""
-    from dits.engine import SamplingParams, make_engine
+    from dits.engine import SamplingParams, engine_from_config
 
+    cfg = _load(args)
     t0 = time.perf_counter()
-    engine = make_engine(args.backend, args.model)
+    engine = engine_from_config(cfg.engine)
     load_s = time.perf_counter() - t0
     views = [
         [{"role": "user", "content": f"In one sentence, what is {a} plus {b}?"}]
@@ -65,31 +152,27 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     for view, out in zip(views, outs, strict=True):
         print(f"> {view[-1]['content']}\n  {out[0].text!r} ({out[0].finish_reason})")
     summary = {
-        "model": args.model,
+        "model": cfg.engine.model,
+        "dtype": cfg.engine.dtype,
         "load_s": round(load_s, 2),
         "generate_s": round(gen_s, 2),
         "generated_tokens_per_s": round(engine.ledger.counts.generated_tokens / gen_s, 1),
         "ledger": engine.ledger.to_dict(),
     }
     print(json.dumps(summary, indent=2))
+    engine.close()
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dits.config import TaskConfig
-    from dits.engine import make_engine
+    from dits.engine import engine_from_config
     from dits.evaluate import SAMPLED, format_table
-    from dits.mas.protocol import ProtocolConfig
     from dits.stages.evaluate import evaluate_to_dir
     from dits.tasks.source import examples_for
 
-    task = TaskConfig(dataset=args.dataset, path=args.path, seed=args.seed)
-    examples = examples_for(task, args.split, args.limit)
-    overrides = {
-        k: v for k, v in (("max_turns", args.max_turns), ("max_new_tokens", args.max_new_tokens)) if v
-    }
-    cfg = ProtocolConfig(**overrides)
-    engine = make_engine(args.backend, args.model)
+    cfg = _load(args)
+    examples = examples_for(cfg.task, args.split, args.limit)
+    engine = engine_from_config(cfg.engine)
     if args.adapter:
         # Not "eval": PEFT registers adapters as submodules, and nn.Module.eval is taken.
         engine.load_adapter("evaluated", args.adapter)
@@ -97,8 +180,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summaries = []
     for method in args.method or ["mas"]:
         tag = f"{method}-k{args.k}" if method in SAMPLED else method  # each k is its own evaluation
-        out = Path(args.out) / f"{args.dataset}-{args.split}-{tag}"
-        summaries.append(evaluate_to_dir(engine, examples, method, cfg, out, k=args.k, seed=args.seed))
+        out = Path(args.out) / f"{cfg.task.dataset}-{args.split}-{tag}"
+        summaries.append(
+            evaluate_to_dir(engine, examples, method, cfg.protocol, out, k=args.k, seed=cfg.task.seed)
+        )
+    engine.close()
     print(format_table(summaries))
     print(f"transcripts and summaries under {args.out}/")
     return 0
@@ -116,11 +202,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     if not examples:
         raise SystemExit(f"no {cfg.task.dataset} {args.split} tasks to search (check task.{args.split})")
     out = Path(args.out) if args.out else Path("runs") / cfg.name / "synthesize"
-    flags = {"tau": args.tau, "min_gap": args.min_gap, "keep_top_fraction": args.keep_fraction}
-    pair_cfg = cfg.pairs.model_copy(update={k: v for k, v in flags.items() if v is not None})
     with StageContext.single(cfg, out, progress=not args.no_progress) as ctx:
-        product = search_stage(ctx, 0, None, ModelRef.base(cfg), examples, pairs=pair_cfg,
-                               shard_size=args.shard_size)  # fmt: skip
+        product = search_stage(ctx, 0, None, ModelRef.base(cfg), examples, shard_size=args.shard_size)
     summary = SearchSummary.model_validate_json(product.file(SEARCH_SUMMARY_FILE).read_text())
     print(summary.line())
     return 0
@@ -152,13 +235,12 @@ def cmd_influence(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     """Handler of ``dits select``."""
-    from dits.select import SelectConfig
     from dits.stages.select import select_to_dir
 
+    cfg = _load(args)
     scores = _existing(args.scores, "scores") if args.scores is not None else None
     try:
-        cfg = SelectConfig(strategy=args.strategy, ratio=args.ratio, weight=args.weight, seed=args.seed)
-        summary = select_to_dir(_existing(args.pairs, "pairs"), scores, cfg, args.out)
+        summary = select_to_dir(_existing(args.pairs, "pairs"), scores, cfg.select, args.out)
     except ValueError as err:
         raise SystemExit(f"dits select: {err}") from None
     print(summary.line())
@@ -186,10 +268,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dits.config import parse_overrides
     from dits.pipeline import demo_config
 
-    cfg = demo_config(parse_overrides(args.set))
+    cfg = demo_config(_overrides(args))
     if args.print_config:
         print(cfg.to_yaml())
         return 0
@@ -228,58 +309,44 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from dits.evaluate import METHODS
-    from dits.select import SelectConfig, Strategy
 
     parser = argparse.ArgumentParser(prog="dits", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    engine_flags = {"model": "engine.model", "backend": "engine.backend"}
 
     p = _sub(sub, "smoke", "load a model and generate a few answers")
-    p.add_argument("--model", default="smollm2-135m", help="hub id, local HF dir, .gguf, or smollm2-135m")
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     p.add_argument("--max-new-tokens", type=int, default=32)
+    _config_args(p, "engine", short=engine_flags)
     p.set_defaults(func=cmd_smoke)
 
     p = _sub(sub, "evaluate", "evaluate a model on a task split with one or more methods", "dits.evaluate")
-    p.add_argument("--model", default="smollm2-135m", help="hub id, local HF dir, .gguf, or smollm2-135m")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply")
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
-    p.add_argument(
-        "--dataset", default="facts", help="facts, arith, hotpotqa, 2wiki, triviaqa, cbt, gsm8k, ..."
-    )
-    p.add_argument("--path", default=None, help="local file or directory in the dataset's original format")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=32, help="number of tasks")
     p.add_argument("--method", action="append", choices=list(METHODS), help="repeatable; default: mas")
     p.add_argument(
         "--k", "--samples", type=int, default=5, help="samples per task for sc, conversations for mas-sc"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-turns", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--out", default="runs/evaluate", help="output directory (one subdirectory per method)")
+    _config_args(p, "engine", "task", "protocol", short={
+        **engine_flags, "dataset": "task.dataset", "path": "task.path", "seed": "task.seed",
+        "max_turns": "protocol.max_turns", "max_new_tokens": "protocol.max_new_tokens"})  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
 
     p = _sub(sub, "synthesize", "grow one conversation tree per task and mine preference pairs (resumable)",
              "dits.stages.search")  # fmt: skip
-    _config_args(p)
     p.add_argument("--out", help="output directory (default runs/<name>/synthesize)")
     p.add_argument("--split", default="train", help="task split to search (default train)")
     p.add_argument("--limit", type=int, help="number of tasks (default: the config's count for the split)")
     p.add_argument("--shard-size", type=int, default=8, help="trees grown in lockstep (default 8)")
-    p.add_argument(
-        "--tau", type=float, help="pair threshold on Q(chosen) (pairs.tau: 0.4; 0.45 math/arc/mmlu/arith)"
-    )
-    p.add_argument("--min-gap", type=float, help="pair threshold on Q(chosen) - Q(rejected) (pairs.min_gap)")
-    p.add_argument(
-        "--keep-fraction", type=float, help="per tree, keep this top fraction (pairs.keep_top_fraction)"
-    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pair_flags = {"tau": "pairs.tau", "min_gap": "pairs.min_gap", "keep_fraction": "pairs.keep_top_fraction"}
+    _config_args(p, "engine", "task", "search", "pairs", short=pair_flags)
     p.set_defaults(func=cmd_synthesize)
 
     p = _sub(sub, "influence", "score preference pairs by their estimated influence on the validation metric "
              "(resumable)", "dits.stages.influence")  # fmt: skip
-    _config_args(p)
     p.add_argument("--pairs", required=True, help="pairs.jsonl (from dits synthesize)")
     p.add_argument(
         "--adapter", help="θ: a saved LoRA adapter directory (default: the base model, via a fresh LoRA)"
@@ -287,17 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default runs/<name>/influence)")
     p.add_argument("--limit", type=int, help="score at most this many chunks now (rerun to continue)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _config_args(p, "engine", "influence", short={"estimator": "influence.estimator"})
     p.set_defaults(func=cmd_influence)
 
-    defaults = SelectConfig()
     p = _sub(sub, "select", "keep a share of the pairs by Q, influence or both", "dits.stages.select")
     p.add_argument("--pairs", required=True, help="pairs.jsonl (from dits synthesize)")
     p.add_argument("--scores", help="scores.jsonl (from dits influence); needed by influence and mix")
-    p.add_argument("--strategy", choices=get_args(Strategy), default=defaults.strategy)
-    p.add_argument("--ratio", type=float, default=defaults.ratio, help="fraction of the pairs kept")
-    p.add_argument("--weight", type=float, default=defaults.weight, help="w in norm(Q) + w·norm(I) (mix)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random strategy")
     p.add_argument("--out", required=True, help="output directory")
+    _config_args(p, "select", short={k: f"select.{k}" for k in ("strategy", "ratio", "weight", "seed")})
     p.set_defaults(func=cmd_select)
 
     p = _sub(sub, "run", "run (or resume) the whole loop of a config, then write the report")
@@ -306,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = _sub(sub, "demo", "Optima vs DITS on the embedded model and a built-in task (~30-55 min, 2 cores)")
+    p = _sub(sub, "demo", "Optima vs DITS on the embedded model and a built-in task (~17 min on 2 cores)")
     _config_args(p, path=False)
     _pipeline_args(p)
     p.add_argument("--print-config", action="store_true", help="print the demo's config and exit")

@@ -182,6 +182,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {key}: {e['input']!r} is not allowed; allowed values: {allowed}")
         elif not e["loc"]:  # a whole-config check: its message names the key
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "value_error":  # a field's own check: its message says what is allowed
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -8,48 +8,125 @@ influence, high Q: ``norm(Q) − w · norm(I)``). All but ``all``
 keep ``max(1, floor(n · ratio))`` of n pairs (the reference rounding, so one pair is never dropped). A chunk's
 score applies to every pair in it. Ranking ties go to the earlier pair, and the kept pairs come back in
 their given order, so the same inputs always select the same training set.
+
+Every strategy is registered once in :data:`STRATEGIES`; a new one is a rank function decorated with
+:func:`register_strategy` (the config and the command line take the allowed names from the registry).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from dits.records import InfluenceScore, PreferencePair, pair_key
+from dits.registry import Registry
 from dits.search.pairs import keep_count
 
 __all__ = [
-    "BUDGET_MATCHED",
+    "STRATEGIES",
     "SelectConfig",
     "Strategy",
+    "StrategyRule",
     "budget_matched",
     "minmax",
     "needs_scores",
     "pair_influence",
+    "register_strategy",
     "select_pairs",
     "selection_values",
 ]
 
-Strategy = Literal["all", "random", "q", "q-budget", "influence", "mix", "mixHILQ", "mixLIHQ"]
-"""A new strategy is added here, to :func:`selection_values` and, if it reads influence, to
-:data:`SCORED`."""
-SCORED: frozenset[str] = frozenset({"influence", "mix", "mixHILQ", "mixLIHQ"})
-"""The strategies that read influence scores (so an influence stage must run before them)."""
-BUDGET_MATCHED: frozenset[str] = frozenset({"q-budget"})
-"""Optima given DITS's compute: ranks by Q like ``q``, from a pool grown with the extra search that costs
-what a scored method's influence stage cost (:mod:`dits.stages.budget`)."""
+Rank = Callable[[list[float], list[float], "SelectConfig"], list[float]]
+"""``(Q of each pair, influence of each pair (empty unless the strategy reads it), cfg) -> value``: pairs
+are kept by value, highest first."""
+
+
+Pick = Callable[[int, int, "SelectConfig"], Sequence[int]]
+"""``(n pairs, k to keep, cfg) -> indices kept``: a strategy that keeps pairs without ranking them."""
+
+
+@dataclass(frozen=True)
+class StrategyRule:
+    """A selection strategy: how it ranks (``rank``) or else which pairs it keeps (``pick``), whether it
+    reads influence scores (an influence stage must run before it), and whether it is Optima given DITS's
+    compute (its pool grown with the extra search that costs what a scored method's influence stage cost,
+    :mod:`dits.stages.budget`)."""
+
+    rank: Rank | None = None
+    pick: Pick | None = None
+    reads_influence: bool = False
+    budget_matched: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.pick is None):
+            raise ValueError("a strategy either ranks pairs or picks them: give rank or pick")
+
+
+STRATEGIES: Registry[StrategyRule] = Registry("select.strategy")
+"""Every selection strategy by name; ``select.strategy``, ``pipeline.methods`` and the command line take
+their allowed values from it."""
+Strategy = Annotated[str, AfterValidator(STRATEGIES.check)]
+"""A config value naming a registered strategy."""
+
+
+def register_strategy(
+    name: str, *, reads_influence: bool = False, budget_matched: bool = False
+) -> Callable[[Rank], Rank]:
+    """Decorator: ``@register_strategy("mine", reads_influence=True)`` on a :data:`Rank` function."""
+
+    def add(rank: Rank) -> Rank:
+        STRATEGIES.add(name, StrategyRule(rank, None, reads_influence, budget_matched))
+        return rank
+
+    return add
+
+
+STRATEGIES.add("all", StrategyRule(pick=lambda n, k, cfg: range(n)))
+STRATEGIES.add("random", StrategyRule(pick=lambda n, k, cfg: random.Random(cfg.seed).sample(range(n), k)))
+
+
+@register_strategy("q")
+def _q(q: list[float], infl: list[float], cfg: SelectConfig) -> list[float]:
+    return q
+
+
+@register_strategy("q-budget", budget_matched=True)
+def _q_budget(q: list[float], infl: list[float], cfg: SelectConfig) -> list[float]:
+    return q
+
+
+@register_strategy("influence", reads_influence=True)
+def _influence(q: list[float], infl: list[float], cfg: SelectConfig) -> list[float]:
+    return infl
+
+
+@register_strategy("mix", reads_influence=True)
+def _mix(q: list[float], infl: list[float], cfg: SelectConfig) -> list[float]:
+    return [a + cfg.weight * b for a, b in zip(minmax(q), minmax(infl), strict=True)]
+
+
+@register_strategy("mixHILQ", reads_influence=True)
+def _mix_hilq(q: list[float], infl: list[float], cfg: SelectConfig) -> list[float]:
+    return [cfg.weight * b - a for a, b in zip(minmax(q), minmax(infl), strict=True)]
+
+
+@register_strategy("mixLIHQ", reads_influence=True)
+def _mix_lihq(q: list[float], infl: list[float], cfg: SelectConfig) -> list[float]:
+    return [a - cfg.weight * b for a, b in zip(minmax(q), minmax(infl), strict=True)]
 
 
 def needs_scores(strategy: str) -> bool:
-    return strategy in SCORED
+    """Whether ``strategy`` reads influence scores (False for a name not registered)."""
+    return strategy in STRATEGIES and STRATEGIES[strategy].reads_influence
 
 
 def budget_matched(strategy: str) -> bool:
-    return strategy in BUDGET_MATCHED
+    return strategy in STRATEGIES and STRATEGIES[strategy].budget_matched
 
 
 class SelectConfig(BaseModel):
@@ -101,23 +178,16 @@ def selection_values(
     scores: Sequence[InfluenceScore] | Sequence[float] | None,
     cfg: SelectConfig,
 ) -> list[float]:
-    """The value each pair is ranked by under ``cfg.strategy`` (every strategy but ``all`` and ``random``)."""
-    q = [p.q_chosen for p in pairs]
-    if cfg.strategy in ("q", "q-budget"):
-        return q
-    if scores is None:
-        raise ValueError(f"strategy {cfg.strategy!r} needs influence scores")
-    infl = pair_influence(pairs, scores)
-    if cfg.strategy == "influence":
-        return infl
-    nq, ni = minmax(q), minmax(infl)
-    if cfg.strategy == "mix":
-        return [a + cfg.weight * b for a, b in zip(nq, ni, strict=True)]
-    if cfg.strategy == "mixHILQ":
-        return [cfg.weight * b - a for a, b in zip(nq, ni, strict=True)]
-    if cfg.strategy == "mixLIHQ":
-        return [a - cfg.weight * b for a, b in zip(nq, ni, strict=True)]
-    raise ValueError(f"strategy {cfg.strategy!r} does not rank pairs")
+    """The value each pair is ranked by under ``cfg.strategy`` (every strategy that ranks)."""
+    rule = STRATEGIES[cfg.strategy]
+    if rule.rank is None:
+        raise ValueError(f"strategy {cfg.strategy!r} does not rank pairs")
+    infl: list[float] = []
+    if rule.reads_influence:
+        if scores is None:
+            raise ValueError(f"strategy {cfg.strategy!r} needs influence scores")
+        infl = pair_influence(pairs, scores)
+    return rule.rank([p.q_chosen for p in pairs], infl, cfg)
 
 
 def select_pairs(
@@ -131,11 +201,12 @@ def select_pairs(
     keeps as many as ``mix`` keeps from the smaller pool)."""
     cfg = cfg or SelectConfig()
     pairs = list(pairs)
-    if cfg.strategy == "all" or not pairs:
+    if not pairs:
         return pairs
     k = keep_count(len(pairs), cfg.ratio) if keep is None else min(keep, len(pairs))
-    if cfg.strategy == "random":
-        chosen = random.Random(cfg.seed).sample(range(len(pairs)), k)
+    rule = STRATEGIES[cfg.strategy]
+    if rule.pick is not None:
+        chosen = list(rule.pick(len(pairs), k, cfg))
     else:
         values = selection_values(pairs, scores, cfg)
         chosen = sorted(range(len(pairs)), key=lambda i: (-values[i], i))[:k]

@@ -116,6 +116,10 @@ class Engine(ABC):
     def load_adapter(self, name: str, path: str) -> None:
         """Load a PEFT LoRA adapter from ``path`` under ``name`` (does not activate it)."""
 
+    def adapter_names(self) -> list[str]:
+        """The adapters loaded (what :meth:`set_adapter` accepts besides ``None``)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no adapters")
+
     @abstractmethod
     def set_adapter(self, name: str | None) -> None:
         """Activate adapter ``name``; ``None`` runs the bare base model."""
@@ -128,3 +132,7 @@ class Engine(ABC):
     @abstractmethod
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` under the model's tokenizer (no special tokens)."""
+
+    def close(self) -> None:  # noqa: B027 - a no-op unless the engine holds something outside Python
+        """Release what the engine holds outside this process's Python objects (a vLLM engine's workers
+        and device memory); the engine is not used afterwards."""

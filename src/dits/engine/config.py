@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from dits.engine.precision import resolve_dtype
+from dits.registry import Registry
 
-__all__ = ["BACKENDS", "EngineConfig"]
+if TYPE_CHECKING:
+    from dits.engine.base import Engine
 
-BACKENDS = ("hf", "vllm")
+__all__ = ["BACKENDS", "Backend", "EngineConfig"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How a backend is built: ``make(model, **options)`` (importing its library only when called), the
+    options a config section gives it (``options(cfg, lora_rank, trainable_base)``), and whether the engine
+    it builds also trains (else an ``hf`` copy of the same weights is the trainable side)."""
+
+    make: Callable[..., Engine]
+    options: Callable[[EngineConfig, int, bool], dict[str, Any]]
+    trains: bool
+
+
+BACKENDS: Registry[Backend] = Registry("engine.backend")
+"""Every engine backend by name (:mod:`dits.engine` registers ``hf`` and ``vllm``)."""
 
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Annotated[str, AfterValidator(BACKENDS.check)] = "hf"
     model: str = "smollm2-135m"
     device: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -1,13 +1,22 @@
 """Influence of a candidate training chunk on the validation metric (DESIGN.md section 7).
 
 A new estimator subclasses :class:`~dits.influence.base.InfluenceEstimator` (``_prepare`` once per θ,
-``_score_chunk`` per candidate) in its own module here, is registered in ``_ESTIMATORS`` below and named in
-``InfluenceConfig.estimator``; it works on a :class:`~dits.engine.policy.TrainablePolicy`.
+``_score_chunk`` per candidate) with its name, ``class Mine(InfluenceEstimator, name="mine")``, in its own
+module, imported below (or by the user's code before the config is read); that registers it in
+:data:`ESTIMATORS`, from which ``influence.estimator``, ``guide.estimator`` and the command line take their
+allowed values. It works on a :class:`~dits.engine.policy.TrainablePolicy`.
 """
 
 from __future__ import annotations
 
-from dits.influence.base import InfluenceConfig, InfluenceEstimator, MetricFn, chunk_pairs, default_metric
+from dits.influence.base import (
+    ESTIMATORS,
+    InfluenceConfig,
+    InfluenceEstimator,
+    MetricFn,
+    chunk_pairs,
+    default_metric,
+)
 from dits.influence.gradient import GradientEstimator
 from dits.influence.likelihood import LikelihoodEstimator
 from dits.influence.retention import RetentionEstimator
@@ -15,7 +24,7 @@ from dits.influence.rollout import RolloutEstimator
 from dits.records import Cost, InfluenceScore, pair_key
 
 __all__ = [
-    "ESTIMATOR_NAMES",
+    "ESTIMATORS",
     "Cost",
     "GradientEstimator",
     "InfluenceConfig",
@@ -31,16 +40,11 @@ __all__ = [
     "pair_key",
 ]
 
-_ESTIMATORS: dict[str, type[InfluenceEstimator]] = {
-    "rollout": RolloutEstimator,
-    "likelihood": LikelihoodEstimator,
-    "gradient": GradientEstimator,
-    "retention": RetentionEstimator,
-}
-ESTIMATOR_NAMES: tuple[str, ...] = tuple(_ESTIMATORS)
-"""The values ``InfluenceConfig.estimator`` accepts (for command-line choices)."""
-
 
 def make_estimator(cfg: InfluenceConfig, metric_fn: MetricFn | None = None) -> InfluenceEstimator:
     """The estimator ``cfg.estimator`` names (call ``prepare`` on it next)."""
-    return _ESTIMATORS[cfg.estimator](cfg, metric_fn)
+    return ESTIMATORS[cfg.estimator](cfg, metric_fn)
+
+
+ESTIMATOR_NAMES = ESTIMATORS
+"""Kept for scripts that took the names from here: the registry itself (iterating gives the names)."""

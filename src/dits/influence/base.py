@@ -14,17 +14,32 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from dits.engine.policy import TrainablePolicy
 from dits.mas.dialogue import Transcript
 from dits.mas.protocol import ProtocolConfig
 from dits.records import Cost, InfluenceScore, PreferencePair, pair_key
+from dits.registry import Registry
 from dits.tasks.example import Example
 
-__all__ = ["InfluenceConfig", "InfluenceEstimator", "MetricFn", "chunk_pairs", "default_metric"]
+__all__ = [
+    "ESTIMATORS",
+    "EstimatorName",
+    "InfluenceConfig",
+    "InfluenceEstimator",
+    "MetricFn",
+    "chunk_pairs",
+    "default_metric",
+]
+
+ESTIMATORS: Registry[type[InfluenceEstimator]] = Registry("influence.estimator")
+"""Every influence estimator by name (filled as their modules are imported: :mod:`dits.influence` imports
+the built-in ones)."""
+EstimatorName = Annotated[str, AfterValidator(ESTIMATORS.check)]
+"""A config value naming a registered estimator."""
 
 MetricFn = Callable[[Example, Transcript], float]
 """The task metric of one finished conversation (default: the transcript's own ``metric``)."""
@@ -39,7 +54,7 @@ class InfluenceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    estimator: Literal["rollout", "likelihood", "gradient", "retention"] = "rollout"
+    estimator: EstimatorName = "rollout"
     chunk_size: int = Field(5, ge=1, description="c: pairs per candidate (one DPO step on the whole chunk)")
     lr: float = Field(5e-5, ge=0)
     beta: float = Field(0.1, gt=0, description="the probe step's DPO β (run config: train.dpo.beta if unset)")
@@ -105,9 +120,21 @@ def active_adapter(engine: TrainablePolicy, name: str) -> Iterator[None]:
 
 
 class InfluenceEstimator(ABC):
-    """One interface for every estimator: baseline work once in :meth:`prepare`, then :meth:`score`."""
+    """One interface for every estimator: baseline work once in :meth:`prepare`, then :meth:`score`.
 
-    name: str = ""
+    A subclass registers itself under the name it is defined with, ``class Mine(InfluenceEstimator,
+    name="mine")``: that name is then an allowed ``influence.estimator`` (and, unless ``guides=False``, an
+    allowed ``guide.estimator``) and a choice of the command line."""
+
+    name: ClassVar[str] = ""
+    guides: ClassVar[bool] = True
+    """Cheap enough to score pairs inside the search (influence-guided search)."""
+
+    def __init_subclass__(cls, name: str | None = None, guides: bool = True, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if name is not None:
+            cls.name, cls.guides = name, guides
+            ESTIMATORS.add(name, cls)
 
     def __init__(self, cfg: InfluenceConfig, metric_fn: MetricFn | None = None) -> None:
         self.cfg = cfg

@@ -33,9 +33,7 @@ _BACKWARD_TOKENS = 768
 validation task's K whole conversations peaked at 4 GB on the 135M model)."""
 
 
-class GradientEstimator(LikelihoodEstimator):
-    name = "gradient"
-
+class GradientEstimator(LikelihoodEstimator, name="gradient"):
     @contextmanager
     def _grad_on_adapter(self) -> Iterator[dict[str, torch.nn.Parameter]]:
         """Adapter active, gradients enabled for its tensors only (flags restored), and the forward charged

@@ -92,9 +92,7 @@ def weighted_metric(
     return float(torch.stack(values).mean()), min(ess)
 
 
-class LikelihoodEstimator(InfluenceEstimator):
-    name = "likelihood"
-
+class LikelihoodEstimator(InfluenceEstimator, name="likelihood"):
     def _sample(self) -> None:
         """K conversations per task at the configured temperature, each with its own seed."""
         k = self.cfg.samples_per_task

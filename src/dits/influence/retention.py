@@ -32,9 +32,7 @@ __all__ = ["RetentionEstimator"]
 log = logging.getLogger(__name__)
 
 
-class RetentionEstimator(GradientEstimator):
-    name = "retention"
-
+class RetentionEstimator(GradientEstimator, name="retention"):
     def _prepare(self) -> None:
         self._cache(run_dialogues(self.engine, self.examples, self.protocol, temperature=0.0), 1)
         n = len(self.cache)

@@ -14,9 +14,7 @@ from dits.records import PreferencePair
 __all__ = ["RolloutEstimator"]
 
 
-class RolloutEstimator(InfluenceEstimator):
-    name = "rollout"
-
+class RolloutEstimator(InfluenceEstimator, name="rollout", guides=False):
     def _metric(self) -> tuple[float, list[Transcript]]:
         transcripts = run_dialogues(self.engine, self.examples, self.protocol, temperature=0.0)
         values = [self.metric_fn(ex, t) for ex, t in zip(self.examples, transcripts, strict=True)]

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from dits.influence.base import ESTIMATORS
 from dits.mas.protocol import ProtocolConfig
 from dits.records import Cost, InfluenceScore, PreferencePair, pair_key
 from dits.search.pairs import mine_pairs, render_pair
@@ -48,13 +49,21 @@ from dits.tasks.example import Example
 __all__ = ["ChunkScorer", "GuideConfig", "InfluenceGuide", "candidate_pairs", "subtree_influence"]
 
 
+def _guiding(name: str) -> str:
+    """A registered estimator cheap enough to score pairs inside the search."""
+    if not ESTIMATORS[ESTIMATORS.check(name)].guides:
+        allowed = ", ".join(repr(n) for n, est in ESTIMATORS.items() if est.guides)
+        raise ValueError(f"{name!r} is too costly to guide a search; allowed values: {allowed}")
+    return name
+
+
 class GuideConfig(BaseModel):
     """Influence-guided search knobs; the defaults (λ = 0) are the plain Q-value search."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lam: float = Field(0.0, allow_inf_nan=False, description="λ in Q + λ·Î; 0 is the Q-value search, exactly")
-    estimator: Literal["likelihood", "gradient", "retention"] = Field(
+    estimator: Annotated[str, AfterValidator(_guiding)] = Field(
         "gradient", description="the cheap estimator that scores pairs during the search"
     )
     every: int = Field(1, ge=1, description="re-estimate Î after every this many selection steps")

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dits.artifacts import StageManifest, digest, file_digest, run_stage
 from dits.config import RunConfig
-from dits.engine import Engine, engine_from_config, policy_from_config
+from dits.engine import BACKENDS, Engine, engine_from_config, policy_from_config
 from dits.engine.policy import TrainablePolicy
 from dits.engine.precision import weights_dtype
 from dits.executor import Executor, LocalExecutor
@@ -72,7 +72,7 @@ class ModelRef(BaseModel):
     def base(cls, cfg: RunConfig) -> ModelRef:
         identity: dict[str, Any] = {**cfg.engine.identity(), "seed": cfg.seed}
         weights = weights_dtype(cfg.engine.dtype, cfg.train.full_finetune)
-        if cfg.engine.backend == "hf" and weights != cfg.engine.dtype:
+        if BACKENDS[cfg.engine.backend].trains and weights != cfg.engine.dtype:
             identity["weights"] = weights  # master weights under autocast: not the same numerics
         return cls(kind="base", digest=digest(identity))
 
@@ -120,7 +120,7 @@ class EngineHolder:
         self._base_path: str | None = None
         """Full fine-tuned weights the engine serves (None: the initial model)."""
         self._initial: Engine | None = None
-        self._separate = cfg.engine.backend != "hf"
+        self._separate = not BACKENDS[cfg.engine.backend].trains
         """Generation and training on different engines (``vllm``)."""
         self._full = cfg.train.full_finetune
         """Full fine-tuning: the trainable side holds float32 master weights (dits.engine.precision)."""
@@ -175,7 +175,7 @@ class EngineHolder:
             engine = self._initial
         else:
             old = self._engine
-            if self._separate and self._built and hasattr(old, "close"):
+            if self._separate and self._built:
                 old.close()  # one vLLM at a time: free its memory before the next starts
             engine = self._build(path, ledger)
         self._engine, self._base_path, self._built = engine, path, True
@@ -188,7 +188,7 @@ class EngineHolder:
             engine.set_adapter(None)
             return
         assert ref.path is not None
-        if ref.adapter_name not in engine.adapter_names():  # type: ignore[attr-defined]
+        if ref.adapter_name not in engine.adapter_names():
             engine.load_adapter(ref.adapter_name, ref.path)
         engine.set_adapter(ref.adapter_name)
 
