@@ -429,7 +429,7 @@ def test_registry_and_errors(tmp_path: Path) -> None:
         "facts",
         "arith",
     }
-    with pytest.raises(KeyError, match="unknown dataset 'squad'"):
+    with pytest.raises(KeyError, match=r"unknown task\.dataset 'squad'"):
         load_examples("squad", "train")
     with pytest.raises(ValueError, match="no split 'fewshot'"):
         load_examples("gsm8k", "fewshot", tmp_path)

@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dits.engine.config import EngineConfig
 from dits.executor import ExecutorConfig
 from dits.influence.base import InfluenceConfig
 from dits.mas.protocol import ProtocolConfig
+from dits.registry import Registry
 from dits.reward import RewardConfig
 from dits.search.guided import GuideConfig
 from dits.search.mcts import SearchConfig
 from dits.search.pairs import PairConfig
 from dits.select import SelectConfig, Strategy, budget_matched, needs_scores
-from dits.tasks.loaders import method_defaults
+from dits.tasks.loaders import DATASETS, method_defaults
 from dits.train.config import TrainConfig
 
 
@@ -37,7 +38,7 @@ class _Section(BaseModel):
 class TaskConfig(_Section):
     """Which dataset and how many tasks of each split. ``path`` is a local file/dir in the original format."""
 
-    dataset: str = "facts"
+    dataset: Annotated[str, AfterValidator(DATASETS.check)] = "facts"
     path: str | None = None
     seed: int = 0
     train: int = Field(32, ge=0)
@@ -83,6 +84,13 @@ class SamplingConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
+RECIPES: Registry[tuple[str, ...]] = Registry("pipeline.recipe")
+"""Each recipe by name: the stages one iteration runs, in order (:data:`dits.pipeline.STAGES` names them)."""
+RECIPES.add("isft", ("sft-data", "sft", "evaluate"))
+RECIPES.add("idpo", ("search", "influence", "budget", "select", "dpo", "evaluate"))
+RECIPES.add("isft-dpo", ("sft-data", "sft", "search", "influence", "budget", "select", "dpo", "evaluate"))
+
+
 class PipelineConfig(_Section):
     """The loop of DESIGN.md section 2: which stages, how many iterations, which selection strategies.
 
@@ -90,7 +98,7 @@ class PipelineConfig(_Section):
     search, pairs, influence); from its ``select`` stage on, each method trains and evaluates its own model.
     """
 
-    recipe: Literal["isft", "idpo", "isft-dpo"] = "isft-dpo"
+    recipe: Annotated[str, AfterValidator(RECIPES.check)] = "isft-dpo"
     iterations: int = Field(3, ge=1)
     methods: list[Strategy] = Field(
         default_factory=lambda: ["mix"], min_length=1, description="q is Optima, mix is DITS"

@@ -22,7 +22,7 @@ dev split, evaluation on the test split; the three are disjoint.
 The loop knows no stage by name: :data:`STAGES` maps each name to a function of the context and the
 lineage's :class:`Step` (its model, its tasks, the products of the stages before), and to whether it
 yields the lineage's next model or a product. A new stage is a module under ``dits/stages/`` and a row
-here; a recipe is a tuple of stage names.
+here; a recipe is a tuple of stage names registered in :data:`dits.config.RECIPES`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dits.artifacts import PAIRS_FILE, StageManifest, write_text_atomic
-from dits.config import RunConfig, load_config
+from dits.config import RECIPES, RunConfig, load_config
 from dits.engine.base import Engine
 from dits.search.pairs import keep_count
 from dits.select import budget_matched, needs_scores
@@ -166,11 +166,6 @@ STAGES: dict[str, StageSpec] = {
     ),
     "evaluate": StageSpec(_evaluate),
 }
-RECIPES: dict[str, tuple[str, ...]] = {
-    "isft": ("sft-data", "sft", "evaluate"),
-    "idpo": ("search", "influence", "budget", "select", "dpo", "evaluate"),
-    "isft-dpo": ("sft-data", "sft", "search", "influence", "budget", "select", "dpo", "evaluate"),
-}
 SHARED_UNTIL = "budget"
 """In iteration 0, stages before this one are shared by all methods (same model, same tasks)."""
 
@@ -243,6 +238,11 @@ class Pipeline:
         for method in cfg.pipeline.baselines:
             evaluate_stage(ctx, None, method, base, test, method=method, k=5, stage="baseline")
         recipe = RECIPES[cfg.pipeline.recipe]
+        unknown = [st for st in recipe if st not in STAGES]
+        if unknown:
+            raise ValueError(
+                f"pipeline.recipe {cfg.pipeline.recipe!r} names stages that do not exist: {unknown}"
+            )
         cut = recipe.index(SHARED_UNTIL) if SHARED_UNTIL in recipe else len(recipe)
         methods: list[str | None] = (
             [None] if "select" not in recipe else list(dict.fromkeys(cfg.pipeline.methods))

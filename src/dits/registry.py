@@ -45,7 +45,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(f"{self.key}: {name!r} is not one of {', '.join(self._items)}") from None
+            raise KeyError(f"unknown {self.key} {name!r}; known: {', '.join(self._items)}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

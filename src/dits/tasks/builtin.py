@@ -14,11 +14,28 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
+from dits.registry import Registry
 from dits.tasks.example import SPLITS, Example, canonical_split
 from dits.tasks.files import content_id, stable_hash
 
-BUILTIN_DATASETS: tuple[str, ...] = ("facts", "arith")
+
+@dataclass(frozen=True)
+class BuiltinTask:
+    """A generated task: its knobs (a frozen dataclass of defaults), one example from the split's RNG and
+    names, the protocol mode and metric, and the real dataset whose published defaults it takes."""
+
+    knobs: type
+    example: Callable[[random.Random, NameGenerator, str, Any], Example]
+    mode: str
+    metric: str
+    like: str
+
+
+BUILTIN_DATASETS: Registry[BuiltinTask] = Registry("built-in task")
+"""Every built-in task by name (registered below, each next to its generator); the dataset registry
+(:data:`dits.tasks.loaders.DATASETS`) lists them with the real ones."""
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "t", "th",
            "v", "z", "zh", "sk", "qu", "j")  # fmt: skip
@@ -242,7 +259,11 @@ def _arith_example(rng: random.Random, names: NameGenerator, split: str, knobs: 
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def _knobs(cls: type[FactsKnobs] | type[ArithKnobs], dataset: str, knobs: dict[str, object]) -> object:
+BUILTIN_DATASETS.add("facts", BuiltinTask(FactsKnobs, _facts_example, "exchange", "f1", like="hotpotqa"))
+BUILTIN_DATASETS.add("arith", BuiltinTask(ArithKnobs, _arith_example, "debate", "numeric", like="gsm8k"))
+
+
+def _knobs(cls: type, dataset: str, knobs: dict[str, object]) -> object:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(knobs) - known)
     if unknown:
@@ -263,12 +284,8 @@ def make_builtin(dataset: str, split: str, n: int, seed: int = 0, **knobs: objec
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(stable_hash("dits-builtin", dataset, split, seed))
     names = NameGenerator(rng, split)
-    if dataset == "facts":
-        facts_knobs = _knobs(FactsKnobs, dataset, knobs)
-        assert isinstance(facts_knobs, FactsKnobs)
-        return [_facts_example(rng, names, split, facts_knobs) for _ in range(n)]
-    if dataset == "arith":
-        arith_knobs = _knobs(ArithKnobs, dataset, knobs)
-        assert isinstance(arith_knobs, ArithKnobs)
-        return [_arith_example(rng, names, split, arith_knobs) for _ in range(n)]
-    raise KeyError(f"unknown built-in dataset {dataset!r}; known: {list(BUILTIN_DATASETS)}")
+    if dataset not in BUILTIN_DATASETS:
+        raise KeyError(f"unknown built-in dataset {dataset!r}; known: {list(BUILTIN_DATASETS)}")
+    task = BUILTIN_DATASETS[dataset]
+    task_knobs = _knobs(task.knobs, dataset, knobs)
+    return [task.example(rng, names, split, task_knobs) for _ in range(n)]

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dits.registry import Registry
+from dits.tasks.builtin import BUILTIN_DATASETS
 from dits.tasks.choice import MmluRow, arc_example, mmlu_example, read_mmlu_csv
 from dits.tasks.defaults import MethodDefaults, defaults_table
 from dits.tasks.example import Example, MetricName, Mode, canonical_split
@@ -254,173 +256,171 @@ def _cbt_hub(config: str) -> HubSource:
 
 _PUBLISHED = defaults_table()
 
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec(
-            "hotpotqa",
-            "exchange",
-            "f1",
-            "hotpotqa",
-            {
-                "train": ("train.json", "hotpot_train_v1.1.json"),
-                "dev": ("dev.json", "hotpot_dev_distractor_v1.json"),
-                "test": ("test.json",),
-            },
-            _read_json_array,
-            _mh("hotpotqa"),
-            HubSource("hotpot_qa", "distractor", {"train": HubSplit("train"), **_HALVES}, _hub_multihop),
-            defaults=_PUBLISHED["hotpotqa"],
-        ),
-        DatasetSpec(
-            "2wiki",
-            "exchange",
-            "f1",
-            "2wiki",
-            {"train": ("train.json",), "dev": ("dev.json",), "test": ("test.json",)},
-            _read_json_array,
-            _mh("2wiki"),
-            HubSource("xanhho/2WikiMultihopQA", None, {"train": HubSplit("train"), **_HALVES}, _hub_multihop),
-            defaults=_PUBLISHED["2wiki"],
-        ),
-        DatasetSpec(
-            "triviaqa",
-            "exchange",
-            "f1",
-            "triviaqa",
-            {
-                split: (
-                    f"qa/web-{split}.json",
-                    f"web-{split}.json",
-                    f"qa/wikipedia-{split}.json",
-                    f"wikipedia-{split}.json",
-                    f"{split}.json",
-                )
-                for split in ("train", "dev", "test")
-            },
-            _read_triviaqa,
-            _triviaqa_make,
-            HubSource("mandarjoshi/trivia_qa", "rc", {"train": HubSplit("train"), **_HALVES}, _hub_triviaqa),
-            defaults=_PUBLISHED["triviaqa"],
-        ),
-        DatasetSpec(
-            "cbt",
-            "exchange",
-            "f1",
-            "cbt",
-            _cbt_files("CN"),
-            _read_cbt,
-            _cbt_make("cbt"),
-            _cbt_hub("CN"),
-            defaults=_PUBLISHED["cbt"],
-        ),
-        DatasetSpec(
-            "cbt_ne",
-            "exchange",
-            "f1",
-            "cbt",
-            _cbt_files("NE"),
-            _read_cbt,
-            _cbt_make("cbt_ne"),
-            _cbt_hub("NE"),
-            defaults=_PUBLISHED["cbt"],
-        ),
-        DatasetSpec(
+DATASETS: Registry[DatasetSpec] = Registry("task.dataset")
+"""Every dataset name :func:`load_examples` accepts, with its protocol mode and metric (``task.dataset``
+takes its allowed values from here): the real ones below, then the built-in tasks."""
+for _spec in (
+    DatasetSpec(
+        "hotpotqa",
+        "exchange",
+        "f1",
+        "hotpotqa",
+        {
+            "train": ("train.json", "hotpot_train_v1.1.json"),
+            "dev": ("dev.json", "hotpot_dev_distractor_v1.json"),
+            "test": ("test.json",),
+        },
+        _read_json_array,
+        _mh("hotpotqa"),
+        HubSource("hotpot_qa", "distractor", {"train": HubSplit("train"), **_HALVES}, _hub_multihop),
+        defaults=_PUBLISHED["hotpotqa"],
+    ),
+    DatasetSpec(
+        "2wiki",
+        "exchange",
+        "f1",
+        "2wiki",
+        {"train": ("train.json",), "dev": ("dev.json",), "test": ("test.json",)},
+        _read_json_array,
+        _mh("2wiki"),
+        HubSource("xanhho/2WikiMultihopQA", None, {"train": HubSplit("train"), **_HALVES}, _hub_multihop),
+        defaults=_PUBLISHED["2wiki"],
+    ),
+    DatasetSpec(
+        "triviaqa",
+        "exchange",
+        "f1",
+        "triviaqa",
+        {
+            split: (
+                f"qa/web-{split}.json",
+                f"web-{split}.json",
+                f"qa/wikipedia-{split}.json",
+                f"wikipedia-{split}.json",
+                f"{split}.json",
+            )
+            for split in ("train", "dev", "test")
+        },
+        _read_triviaqa,
+        _triviaqa_make,
+        HubSource("mandarjoshi/trivia_qa", "rc", {"train": HubSplit("train"), **_HALVES}, _hub_triviaqa),
+        defaults=_PUBLISHED["triviaqa"],
+    ),
+    DatasetSpec(
+        "cbt",
+        "exchange",
+        "f1",
+        "cbt",
+        _cbt_files("CN"),
+        _read_cbt,
+        _cbt_make("cbt"),
+        _cbt_hub("CN"),
+        defaults=_PUBLISHED["cbt"],
+    ),
+    DatasetSpec(
+        "cbt_ne",
+        "exchange",
+        "f1",
+        "cbt",
+        _cbt_files("NE"),
+        _read_cbt,
+        _cbt_make("cbt_ne"),
+        _cbt_hub("NE"),
+        defaults=_PUBLISHED["cbt"],
+    ),
+    DatasetSpec(
+        "gsm8k",
+        "debate",
+        "numeric",
+        "gsm8k",
+        {"train": ("train.jsonl",), "dev": ("dev.jsonl",), "test": ("test.jsonl",)},
+        _read_jsonl,
+        lambda record, split, seed, source: gsm8k_example(record, split),
+        HubSource(
             "gsm8k",
-            "debate",
-            "numeric",
-            "gsm8k",
-            {"train": ("train.jsonl",), "dev": ("dev.jsonl",), "test": ("test.jsonl",)},
-            _read_jsonl,
-            lambda record, split, seed, source: gsm8k_example(record, split),
-            HubSource(
-                "gsm8k",
-                "main",
-                {
-                    "train": HubSplit("train[:1000]+train[1300:]"),
-                    "dev": HubSplit("train[1000:1300]"),
-                    "test": HubSplit("test"),
-                },
-                _identity,
-            ),
-            defaults=_PUBLISHED["gsm8k"],
-        ),
-        DatasetSpec(
-            "math",
-            "debate",
-            "math",
-            "math",
-            {"train": ("train",), "dev": ("dev",), "test": ("test",)},
-            _read_math,
-            lambda record, split, seed, source: math_example(record, split),
-            HubSource(
-                "hendrycks/competition_math",
-                None,
-                {
-                    "train": HubSplit("train", 15, 14, complement=True),
-                    "dev": HubSplit("train", 15, 14),
-                    "test": HubSplit("test"),
-                },
-                _identity,
-            ),
-            split_dir_glob="*/*.json",
-            defaults=_PUBLISHED["math"],
-        ),
-        DatasetSpec(
-            "arc",
-            "debate",
-            "choice",
-            "arc_challenge",
+            "main",
             {
-                "train": ("ARC-Challenge-Train.jsonl",),
-                "dev": ("ARC-Challenge-Dev.jsonl",),
-                "test": ("ARC-Challenge-Test.jsonl",),
+                "train": HubSplit("train[:1000]+train[1300:]"),
+                "dev": HubSplit("train[1000:1300]"),
+                "test": HubSplit("test"),
             },
-            _read_jsonl,
-            lambda record, split, seed, source: arc_example(record, split),
-            HubSource(
-                "allenai/ai2_arc",
-                "ARC-Challenge",
-                {"train": HubSplit("train"), "dev": HubSplit("validation"), "test": HubSplit("test")},
-                _hub_arc,
-            ),
-            defaults=_PUBLISHED["arc"],
+            _identity,
         ),
-        DatasetSpec(
-            "mmlu",
-            "debate",
-            "choice",
-            "mmlu",
-            {"train": ("train",), "dev": ("val",), "test": ("test",), "fewshot": ("dev",)},
-            _read_mmlu,
-            lambda row, split, seed, source: mmlu_example(row, split),
-            HubSource(
-                "cais/mmlu",
-                "all",
-                {
-                    "train": HubSplit("test", 2, 0),
-                    "dev": HubSplit("validation"),
-                    "test": HubSplit("test", 2, 1),
-                    "fewshot": HubSplit("dev"),
-                },
-                _hub_mmlu,
-            ),
-            split_dir_glob="*.csv",
-            defaults=_PUBLISHED["mmlu"],
+        defaults=_PUBLISHED["gsm8k"],
+    ),
+    DatasetSpec(
+        "math",
+        "debate",
+        "math",
+        "math",
+        {"train": ("train",), "dev": ("dev",), "test": ("test",)},
+        _read_math,
+        lambda record, split, seed, source: math_example(record, split),
+        HubSource(
+            "hendrycks/competition_math",
+            None,
+            {
+                "train": HubSplit("train", 15, 14, complement=True),
+                "dev": HubSplit("train", 15, 14),
+                "test": HubSplit("test"),
+            },
+            _identity,
         ),
-        DatasetSpec("facts", "exchange", "f1", builtin=True, defaults=_PUBLISHED["hotpotqa"]),
-        DatasetSpec("arith", "debate", "numeric", builtin=True, defaults=_PUBLISHED["gsm8k"]),
-    )
-}
-"""Every dataset name :func:`load_examples` accepts, with its protocol mode and metric."""
+        split_dir_glob="*/*.json",
+        defaults=_PUBLISHED["math"],
+    ),
+    DatasetSpec(
+        "arc",
+        "debate",
+        "choice",
+        "arc_challenge",
+        {
+            "train": ("ARC-Challenge-Train.jsonl",),
+            "dev": ("ARC-Challenge-Dev.jsonl",),
+            "test": ("ARC-Challenge-Test.jsonl",),
+        },
+        _read_jsonl,
+        lambda record, split, seed, source: arc_example(record, split),
+        HubSource(
+            "allenai/ai2_arc",
+            "ARC-Challenge",
+            {"train": HubSplit("train"), "dev": HubSplit("validation"), "test": HubSplit("test")},
+            _hub_arc,
+        ),
+        defaults=_PUBLISHED["arc"],
+    ),
+    DatasetSpec(
+        "mmlu",
+        "debate",
+        "choice",
+        "mmlu",
+        {"train": ("train",), "dev": ("val",), "test": ("test",), "fewshot": ("dev",)},
+        _read_mmlu,
+        lambda row, split, seed, source: mmlu_example(row, split),
+        HubSource(
+            "cais/mmlu",
+            "all",
+            {
+                "train": HubSplit("test", 2, 0),
+                "dev": HubSplit("validation"),
+                "test": HubSplit("test", 2, 1),
+                "fewshot": HubSplit("dev"),
+            },
+            _hub_mmlu,
+        ),
+        split_dir_glob="*.csv",
+        defaults=_PUBLISHED["mmlu"],
+    ),
+):
+    DATASETS.add(_spec.name, _spec)
+for _name, _task in BUILTIN_DATASETS.items():
+    _spec = DatasetSpec(_name, _task.mode, _task.metric, builtin=True, defaults=_PUBLISHED[_task.like])
+    DATASETS.add(_name, _spec)
 
 
 def dataset_spec(dataset: str) -> DatasetSpec:
     """The registry entry, or a ``KeyError`` listing the names that exist."""
-    try:
-        return DATASETS[dataset]
-    except KeyError:
-        raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}") from None
+    return DATASETS[dataset]
 
 
 def method_defaults(dataset: str) -> MethodDefaults:
