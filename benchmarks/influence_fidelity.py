@@ -49,7 +49,7 @@ from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.engine.precision import DTYPES, resolve_dtype
 from dits.influence import (
-    ESTIMATOR_NAMES,
+    ESTIMATORS,
     InfluenceConfig,
     InfluenceScore,
     chunk_pairs,
@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--estimators",
-        default=",".join(ESTIMATOR_NAMES),
+        default=",".join(ESTIMATORS),
         help="which to run (rollout always runs), or none: the ground truth alone",
     )
     ap.add_argument("--work-dir", default=None, help="keep the pool and checkpoints here: a rerun resumes")
@@ -307,7 +307,7 @@ def main() -> None:
     # "none": the ground truth alone (sizing its step and tasks); otherwise rollout always runs (the
     # cost ratios are against it).
     wanted = args.estimators.split(",")
-    others = [k for k in ESTIMATOR_NAMES if k != "rollout" and k in wanted]
+    others = [k for k in ESTIMATORS if k != "rollout" and k in wanted]
     kinds = [] if wanted == ["none"] else ["rollout", *others]
     for kind in kinds:
         got = ckpt.get(f"estimator_{kind}", run_estimator, engine, kind, theta, val, protocol, chunks, args)

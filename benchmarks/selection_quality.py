@@ -43,7 +43,7 @@ from dits.config import RunConfig, load_config
 from dits.engine.hf import HFEngine
 from dits.engine.precision import DTYPES, resolve_dtype
 from dits.influence import (
-    ESTIMATOR_NAMES,
+    ESTIMATORS,
     InfluenceConfig,
     InfluenceScore,
     chunk_pairs,
@@ -270,7 +270,7 @@ def main() -> None:
         "--tau", type=float, default=None, help="pair threshold on Q(chosen) (default per dataset)"
     )
     ap.add_argument("--min-gap", type=float, default=None, help="pair threshold on Q gap; default 0.2")
-    ap.add_argument("--estimator", choices=ESTIMATOR_NAMES, default="gradient")
+    ap.add_argument("--estimator", choices=ESTIMATORS, default="gradient")
     ap.add_argument("--chunk-size", type=int, default=2, help="c: pairs per influence candidate")
     ap.add_argument("--samples", type=int, default=4, help="K samples per dev task (likelihood, gradient)")
     ap.add_argument("--influence-lr", type=float, default=None, help="probe step lr; default: --dpo-lr")

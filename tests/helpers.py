@@ -288,3 +288,35 @@ DPO_PAIRS = [
     make_pair(1, V_KELO, "<A>Varn</A>", "I do not know."),
 ]
 """Two short pairs (arithmetic, a fact) for DPO on the embedded model."""
+
+
+# -- the protocol's two example tasks and the tiny pipeline config --------------------------------------
+
+FACTS = Example(
+    id="f1", dataset="facts", split="test", question="Where does Zorvath live?", answers=["Melbrook"],
+    contexts=["Zorvath lives in Melbrook.", "Kiral lives in Doma."], mode="exchange", metric="f1",
+)  # fmt: skip
+ARITH = Example(
+    id="a1", dataset="arith", split="test", question="What is 12 + 7?", answers=["19"],
+    contexts=["", ""], mode="debate", metric="numeric",
+)  # fmt: skip
+"""An information-exchange task and a debate task, each with its answer in hand."""
+
+TINY = {
+    "name": "tiny",
+    "engine": {"dtype": "float32"},  # the shared engine's
+    "task": {"dataset": "facts", "train": 2, "dev": 2, "test": 3, "knobs": {"hops": 1, "n_distractor": 0}},
+    "protocol": {"max_turns": 2, "max_new_tokens": 10},
+    "search": {"explore": 1, "expand": 2},
+    "pairs": {"tau": -10.0, "min_gap": 0.0},
+    "influence": {"estimator": "likelihood", "chunk_size": 1, "val_tasks": 2, "samples_per_task": 1},
+    "train": {"dpo": {"max_steps": 1, "batch_size": 2}},
+    "pipeline": {
+        "recipe": "idpo",
+        "iterations": 1,
+        "methods": ["q", "q-budget", "mix"],
+        "baselines": ["cot"],
+        "scaling": [2],
+    },
+}
+"""The smallest pipeline config that runs every stage on the embedded model (float32: the shared engine's)."""

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import pytest
-
 from dits.baselines import majority, run_cot, run_debate, single_agent_view
 from dits.engine.base import Completion, SamplingParams, View
 from dits.mas.dialogue import Transcript, Turn
@@ -96,12 +94,6 @@ def test_single_agent_view_gives_one_agent_the_question_and_both_agents_notes() 
     assert "Notes:" not in bare
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="single_agent_view blanks the contexts before task_message, which then writes 'Your notes: "
-    "(none)' for exchange tasks, and appends the real notes after it: the single agent is told it has no "
-    "notes and then given them",
-)
 def test_single_agent_view_does_not_tell_the_agent_it_has_no_notes_when_it_has_some() -> None:
     user = _user(single_agent_view(ZORVATH, CFG))
     assert "Zorvath lives in Melbrook." in user

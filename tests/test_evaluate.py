@@ -10,9 +10,10 @@ import pytest
 
 from dits.artifacts import read_jsonl
 from dits.cli import main
-from dits.evaluate import EvalRecord, bootstrap_ci, paired_bootstrap, paired_metrics
+from dits.evaluate import EvalRecord, paired_metrics
 from dits.mas.protocol import ProtocolConfig
 from dits.stages.evaluate import evaluate_to_dir
+from dits.stats import bootstrap_ci, paired_bootstrap
 from dits.tasks import load_examples
 from dits.tasks.builtin import make_builtin
 from dits.tasks.loaders import default_data_root

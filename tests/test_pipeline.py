@@ -11,6 +11,7 @@ import pytest
 
 from dits.artifacts import StageChanged, differences, read_manifest, run_stage
 from dits.ledger import Ledger
+from tests.helpers import TINY
 from tests.threads import one_torch_thread
 
 # -- stage rules (no model) ---------------------------------------------------------------------------
@@ -65,24 +66,6 @@ def test_differences_lists_leaves():
 
 
 # -- a tiny real run -------------------------------------------------------------------------------
-
-TINY = {
-    "name": "tiny",
-    "engine": {"dtype": "float32"},  # the shared engine's
-    "task": {"dataset": "facts", "train": 2, "dev": 2, "test": 3, "knobs": {"hops": 1, "n_distractor": 0}},
-    "protocol": {"max_turns": 2, "max_new_tokens": 10},
-    "search": {"explore": 1, "expand": 2},
-    "pairs": {"tau": -10.0, "min_gap": 0.0},
-    "influence": {"estimator": "likelihood", "chunk_size": 1, "val_tasks": 2, "samples_per_task": 1},
-    "train": {"dpo": {"max_steps": 1, "batch_size": 2}},
-    "pipeline": {
-        "recipe": "idpo",
-        "iterations": 1,
-        "methods": ["q", "q-budget", "mix"],
-        "baselines": ["cot"],
-        "scaling": [2],
-    },
-}
 
 
 def _run(engine, root: Path, **kw):
@@ -162,8 +145,9 @@ def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrup
 @pytest.mark.slow
 def test_report_numbers_equal_a_recomputation_from_artifacts(uninterrupted):
     from dits.artifacts import read_jsonl
-    from dits.evaluate import EvalRecord, bootstrap_ci
+    from dits.evaluate import EvalRecord
     from dits.report import collect_rows, write_report
+    from dits.stats import bootstrap_ci
 
     report = write_report(uninterrupted).read_text()
     rows = {(r.method, r.iteration): r for r in collect_rows(uninterrupted) if r.kind == "model"}
@@ -195,8 +179,9 @@ def test_report_numbers_equal_a_recomputation_from_artifacts(uninterrupted):
 @pytest.mark.slow
 def test_results_json_is_recomputed_from_the_transcripts(uninterrupted):
     from dits.artifacts import read_jsonl
-    from dits.evaluate import EvalRecord, paired_bootstrap
+    from dits.evaluate import EvalRecord
     from dits.report import write_report
+    from dits.stats import paired_bootstrap
 
     write_report(uninterrupted)
     res = json.loads((uninterrupted / "results.json").read_text())

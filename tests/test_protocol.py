@@ -6,18 +6,8 @@ import pytest
 
 from dits.mas.dialogue import Turn, run_dialogues, speaks_for_both
 from dits.mas.protocol import ProtocolConfig, render_view
-from dits.tasks.example import Example
 from tests.fakes import ScriptedEngine
-
-FACTS = Example(
-    id="f1", dataset="facts", split="test", question="Where does Zorvath live?", answers=["Melbrook"],
-    contexts=["Zorvath lives in Melbrook.", "Kiral lives in Doma."], mode="exchange", metric="f1",
-)  # fmt: skip
-ARITH = Example(
-    id="a1", dataset="arith", split="test", question="What is 12 + 7?", answers=["19"],
-    contexts=["", ""], mode="debate", metric="numeric",
-)  # fmt: skip
-
+from tests.helpers import ARITH, FACTS
 
 PLAIN = ProtocolConfig(worked_example=False)
 

@@ -10,7 +10,7 @@ from dits.mas.dialogue import Transcript, Turn
 from dits.mas.protocol import ProtocolConfig, prefixed
 from dits.reward import RewardConfig, compute_reward, t_norm_from, utterance_nlls
 from tests.fakes import ScriptedEngine
-from tests.test_protocol import ARITH, FACTS
+from tests.helpers import ARITH, FACTS
 
 
 def _tr(texts, tokens, metric=1.0, truncated=False):

@@ -15,7 +15,7 @@ from dits.records import SftRow
 from dits.reward import RewardBreakdown, RewardConfig, compute_reward, utterance_nlls
 from dits.stages.sft_data import SampledConversation, build_sft_data, select_conversations, sft_rows
 from dits.tasks.example import Example
-from tests.test_rollout import EXAMPLES, SeededEngine
+from tests.helpers import EXAMPLES, SeededEngine
 
 
 def _example(i: int, mode: str) -> Example:

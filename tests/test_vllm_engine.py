@@ -177,7 +177,7 @@ def test_a_run_generates_on_vllm_and_trains_on_the_hf_policy(engine, vllm_engine
     from dits.pipeline import Pipeline
     from dits.stages.evaluate import evaluate_to_dir
     from dits.tasks.source import examples_for
-    from tests.test_pipeline import TINY
+    from tests.helpers import TINY
 
     spec = {**TINY, "engine": {"backend": "vllm", "dtype": "float32"}}
     spec["pipeline"] = {"recipe": "idpo", "iterations": 1, "methods": ["q", "mix"]}

@@ -36,7 +36,7 @@ def single_agent_view(example: Example, cfg: ProtocolConfig) -> View:
     system = _COT_RULES.format(fmt=fmt)
     if cfg.worked_example:
         system += "\n\n" + _COT_EXAMPLE.format(ans=ans)
-    user = task_message(example.model_copy(update={"contexts": ["", ""]}), 0)
+    user = task_message(example, 0, notes=False)
     notes = "\n".join(c.strip() for c in example.contexts if c.strip())
     if notes:
         user += f"\nNotes:\n{notes}"

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel
-from scipy import stats
 
 from dits.baselines import majority, run_cot, run_debate
 from dits.engine.base import Engine
 from dits.mas.dialogue import Transcript, run_dialogues
 from dits.mas.protocol import ProtocolConfig
 from dits.seeding import derive_seed
+from dits.stats import Interval, bootstrap_ci
 from dits.tasks.example import Example
 from dits.tasks.metrics import score_answer
 
-Method = Literal["mas", "mas-sc", "cot", "sc", "debate"]
 METHODS: tuple[str, ...] = ("mas", "mas-sc", "cot", "sc", "debate")
 SAMPLED: frozenset[str] = frozenset({"sc", "mas-sc"})
 """Methods that draw k samples per task (their results depend on k)."""
@@ -41,12 +39,6 @@ class EvalRecord(BaseModel):
     transcript: Transcript
 
 
-class Interval(BaseModel):
-    mean: float
-    low: float
-    high: float
-
-
 class EvalSummary(BaseModel):
     method: str
     dataset: str
@@ -56,34 +48,6 @@ class EvalSummary(BaseModel):
     comm_tokens: float
     """Mean communication tokens per task."""
     stop_reasons: dict[str, int]
-
-
-def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, seed: int = 0) -> Interval:
-    """Mean with a percentile bootstrap interval (scipy); a constant sample gives a zero-width interval."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        raise ValueError("no values to summarise")
-    mean = float(x.mean())
-    if x.size == 1 or np.all(x == x[0]):
-        return Interval(mean=mean, low=mean, high=mean)
-    res = stats.bootstrap(
-        (x,), np.mean, confidence_level=confidence, n_resamples=2000, method="percentile", random_state=seed
-    )
-    return Interval(
-        mean=mean, low=float(res.confidence_interval.low), high=float(res.confidence_interval.high)
-    )
-
-
-def paired_bootstrap(
-    a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95, seed: int = 0
-) -> Interval:
-    """``mean(a − b)`` over paired observations (the same test tasks under two models) with a percentile
-    bootstrap interval that resamples the pairs together: the per-task difference keeps the correlation
-    two models have on the same tasks, so the interval is narrower than two independent ones suggest."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.shape != y.shape:
-        raise ValueError(f"paired samples differ in length: {x.size} vs {y.size}")
-    return bootstrap_ci(x - y, confidence=confidence, seed=seed)
 
 
 def paired_metrics(a: Sequence[EvalRecord], b: Sequence[EvalRecord]) -> tuple[list[float], list[float]]:

@@ -44,7 +44,3 @@ __all__ = [
 def make_estimator(cfg: InfluenceConfig, metric_fn: MetricFn | None = None) -> InfluenceEstimator:
     """The estimator ``cfg.estimator`` names (call ``prepare`` on it next)."""
     return ESTIMATORS[cfg.estimator](cfg, metric_fn)
-
-
-ESTIMATOR_NAMES = ESTIMATORS
-"""Kept for scripts that took the names from here: the registry itself (iterating gives the names)."""

@@ -115,13 +115,14 @@ def demo_messages(example: Example, speaker: int) -> list[Message]:
     return msgs
 
 
-def task_message(example: Example, speaker: int) -> str:
-    """The first user message: the question, the options, and this agent's private notes."""
+def task_message(example: Example, speaker: int, *, notes: bool = True) -> str:
+    """The first user message: the question, the options, and this agent's private notes (``notes=False``:
+    none, for a caller that gives the notes itself)."""
     label = "Question" if example.mode == "exchange" else "Problem"
     lines = [f"{label}: {example.question}"]
     if example.choices:
         lines += [f"{chr(65 + i)}. {c}" for i, c in enumerate(example.choices)]
-    if example.mode == "exchange":
+    if example.mode == "exchange" and notes:
         notes = example.contexts[speaker].strip() or "(none)"
         lines.append(f"Your notes:\n{notes}")
     return "\n".join(lines)
