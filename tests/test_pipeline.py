@@ -113,7 +113,7 @@ def _scores_without_cost(path: Path) -> list[tuple]:
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrupted, tmp_path, monkeypatch):
     import dits.stages.search
-    import dits.train.dpo
+    import dits.train.trainer
 
     def killed(*_a, **_k):
         raise KeyboardInterrupt("killed")
@@ -127,7 +127,7 @@ def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrup
     assert (run / "iter_0/search/trees.jsonl").exists() and read_manifest(run / "iter_0/search") is None
     # 2) killed in the first DPO training, before the adapter was saved
     with monkeypatch.context() as m:
-        m.setattr(dits.train.dpo, "finish_training", killed)
+        m.setattr(dits.train.trainer, "finish_training", killed)
         with pytest.raises(KeyboardInterrupt):
             _run(engine, tmp_path)
     assert read_manifest(run / "iter_0/search") is not None

@@ -1,4 +1,4 @@
-"""Training hyperparameters: LoRA shape, SFT and DPO sections (DESIGN.md section 7b).
+"""Training hyperparameters: LoRA shape, SFT and DPO sections (docs/design.md section 7b).
 
 The published recipe (Optima / DITS) is full fine-tuning of Llama-3-8B-Instruct on 8 GPUs: SFT lr 2e-5 (QA) /
 1e-6 (debate), 1-3 epochs; DPO lr 5e-7, beta 0.1-0.7, 1 epoch, batch 64; max length 2048. Those learning rates

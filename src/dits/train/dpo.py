@@ -1,4 +1,4 @@
-"""DPO on the mined preference pairs with TRL's DPOTrainer (DESIGN.md section 7b).
+"""DPO on the mined preference pairs with TRL's DPOTrainer (docs/design.md section 7b).
 
 A pair becomes TRL's conversational preference row: ``prompt`` is the renderer's view for the speaker (the
 pair's ``prompt``, filled by ``mine_pairs(render=...)``), ``chosen`` / ``rejected`` the two sibling utterances
@@ -23,7 +23,6 @@ Length checks, staging, token counting and the ledger are the shared :class:`~di
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -37,7 +36,7 @@ from dits.records import PreferencePair
 from dits.train.config import TrainConfig
 from dits.train.rows import LengthCheck, preference_rows
 from dits.train.staging import REF_ADAPTER, TRAIN_ADAPTER
-from dits.train.trainer import DitsTrainer, TrainResult, finish_training
+from dits.train.trainer import DitsTrainer, TrainResult, train_and_save
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +126,10 @@ def train_dpo(
     (replacing one of that name) but not made active. Charges the trained tokens (policy) and the
     reference forward to the ledger.
     """
-    start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with dpo_trainer(engine, pairs, cfg, init_adapter=init_adapter) as trainer:
-        trainer.train()
-        result = finish_training(
-            trainer, engine, cfg, out, adapter_name=adapter_name, init_adapter=init_adapter, started=start
-        )
+    staged = dpo_trainer(engine, pairs, cfg, init_adapter=init_adapter)
+    result = train_and_save(
+        staged, engine, cfg, out_dir, adapter_name=adapter_name, init_adapter=init_adapter
+    )
     log.info(
         "DPO: %d pairs (%d dropped), %d steps, loss %s",
         result.rows,

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on the iSFT rows with TRL's SFTTrainer (DESIGN.md section 7b).
+"""Supervised fine-tuning on the iSFT rows with TRL's SFTTrainer (docs/design.md section 7b).
 
 A row is TRL's conversational prompt-completion format: ``prompt`` is the renderer's view (the one
 :func:`dits.mas.protocol.render_view` builds for generation too), ``completion`` the agent's turn as one
@@ -10,7 +10,6 @@ Length checks, staging, token counting and the ledger are the shared :class:`~di
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -21,7 +20,7 @@ from trl import SFTConfig, SFTTrainer
 from dits.engine.policy import TrainablePolicy
 from dits.train.config import TrainConfig
 from dits.train.rows import LengthCheck, completion_rows
-from dits.train.trainer import DitsTrainer, TrainResult, finish_training
+from dits.train.trainer import DitsTrainer, TrainResult, train_and_save
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +77,10 @@ def train_sft(
     that name) but not made active: the adapter active before stays active. Full fine-tuning changes
     ``engine.base`` in place. Trained tokens (non-padding, every step) are charged to ``engine.ledger``.
     """
-    start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with sft_trainer(engine, rows, cfg, init_adapter=init_adapter) as trainer:
-        trainer.train()
-        result = finish_training(
-            trainer, engine, cfg, out, adapter_name=adapter_name, init_adapter=init_adapter, started=start
-        )
+    staged = sft_trainer(engine, rows, cfg, init_adapter=init_adapter)
+    result = train_and_save(
+        staged, engine, cfg, out_dir, adapter_name=adapter_name, init_adapter=init_adapter
+    )
     log.info(
         "SFT: %d rows, %d steps, %d tokens, loss %s",
         result.rows, result.steps, result.trained_tokens, result.train_loss,

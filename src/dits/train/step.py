@@ -1,4 +1,4 @@
-"""The one-step probe behind influence estimation (DESIGN.md section 7): ``θ_z`` = θ after ONE optimizer
+"""The one-step probe behind influence estimation (docs/design.md section 7): ``θ_z`` = θ after ONE optimizer
 step of DPO on candidate z, evaluated, then put back.
 
 Why not a TRL trainer per candidate: building a DPOTrainer (dataset tokenisation, accelerate setup, optimizer

@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -252,6 +252,26 @@ def quiet_datasets() -> Iterator[None]:
     finally:
         if was:
             datasets.enable_progress_bars()
+
+
+def train_and_save(
+    staged: AbstractContextManager[DitsTrainer],
+    engine: TrainablePolicy,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    adapter_name: str,
+    init_adapter: str | None,
+) -> TrainResult:
+    """Enter a staged trainer (:meth:`DitsTrainer.staged`), train, and save: the one run of SFT and DPO."""
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with staged as trainer:
+        trainer.train()
+        return finish_training(
+            trainer, engine, cfg, out, adapter_name=adapter_name, init_adapter=init_adapter, started=start
+        )
 
 
 def finish_training(
