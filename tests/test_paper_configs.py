@@ -1,6 +1,6 @@
 """The paper configs (configs/paper/<dataset>.yaml) hold the published hyperparameters.
 
-The expected numbers are copied here from DESIGN.md (sections 5, 6, 7, 7b), not read from the library's
+The expected numbers are copied here from docs/design.md (sections 5, 6, 7, 7b), not read from the library's
 defaults, so a wrong number in a YAML file (or a file that silently relies on a default that drifted)
 fails.
 

@@ -1,4 +1,11 @@
-"""The ``dits`` command line: argument parsing only; every command calls a stage or the pipeline.
+"""The ``dits`` command line: argument parsing only; every command calls a stage, the pipeline or the report.
+
+Every command that runs work reads a run config: ``run`` from its positional file, ``demo`` from the demo's
+defaults, the others from ``--config`` (the defaults if omitted); all take repeatable ``--set KEY=VALUE``.
+``smoke``, ``evaluate``, ``synthesize``, ``influence`` and ``select`` also get one ``--SECTION.KEY`` flag per
+key of the config sections they read, built from the config models (help from the field's description,
+choices from its ``Literal`` or its registry, :mod:`dits.registry`), plus short aliases such as
+``--strategy``; a flag beats ``--set``, which beats the file.
 
 The single-stage commands (``synthesize``, ``influence``, ``select``) build a
 :class:`~dits.stages.context.StageContext` on their ``--out`` directory and call the same stage functions

@@ -92,7 +92,7 @@ RECIPES.add("isft-dpo", ("sft-data", "sft", "search", "influence", "budget", "se
 
 
 class PipelineConfig(_Section):
-    """The loop of DESIGN.md section 2: which stages, how many iterations, which selection strategies.
+    """The loop of docs/design.md section 2: which stages, how many iterations, which selection strategies.
 
     Every method in ``methods`` starts from the same model and shares iteration 0's pool (sft-data, sft,
     search, pairs, influence); from its ``select`` stage on, each method trains and evaluates its own model.

@@ -1,4 +1,4 @@
-"""The DITS loop (DESIGN.md section 2): a recipe is a list of stages, run per iteration for each lineage.
+"""The DITS loop (docs/design.md section 2): a recipe is a list of stages, run per iteration for each lineage.
 
 Directory layout under ``runs/<name>/``::
 
@@ -74,7 +74,7 @@ DEMO: dict[str, Any] = {
 }
 """The demo: iSFT, then Optima (``q``), Optima at DITS's compute (``q-budget``) and DITS (``mix``) trained
 from one pool, on the embedded model and the built-in information-exchange task, sized for a 2-core laptop
-(DESIGN.md section 10). Every qualifying best-of-4 conversation is kept for iSFT (``keep_slice`` [0, 1]):
+(docs/design.md section 10). Every qualifying best-of-4 conversation is kept for iSFT (``keep_slice`` [0, 1]):
 the untrained model solves few tasks, and the rows are what teaches the format."""
 
 

@@ -1,4 +1,4 @@
-"""``executor.kind: ray``: work units on long-lived Ray actors, one engine each (DESIGN.md section 9).
+"""``executor.kind: ray``: work units on long-lived Ray actors, one engine each (docs/design.md section 9).
 
 Each actor holds an engine holder built from the run's config (so the same model, and any lineage adapter
 or full fine-tuned weights loaded from the path in the stage's model reference: the run directory must be

@@ -1,6 +1,11 @@
-"""Named implementations of one kind (estimators, selection strategies, recipes, backends), each registered
-once: the config's allowed values and the command line's choices are read from the registry, so a new one is
-its module plus its registration, and nothing else restates its name.
+"""Named implementations of one kind, each registered once: the config's allowed values and the command
+line's choices are read from the registry, so a new one is its module plus its registration, and nothing
+else restates its name.
+
+The registries: :data:`dits.influence.base.ESTIMATORS` (an estimator registers itself by its class
+definition), :data:`dits.select.STRATEGIES`, :data:`dits.engine.config.BACKENDS` (filled in
+:mod:`dits.engine`), :data:`dits.config.RECIPES`, and :data:`dits.tasks.loaders.DATASETS` (the real
+datasets, then the built-in tasks of :data:`dits.tasks.builtin.BUILTIN_DATASETS`).
 
 A config field takes a registered name as ``Annotated[str, AfterValidator(REGISTRY.check)]``: checked when a
 config is validated, so an entry a plugin registers after the config class was defined is allowed too."""

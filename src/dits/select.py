@@ -1,4 +1,4 @@
-"""Which mined pairs to train on (DESIGN.md section 7, "Selection").
+"""Which mined pairs to train on (docs/design.md section 7, "Selection").
 
 Strategies: ``all``; ``random`` (seeded); ``q`` (Optima: by Q of the chosen utterance); ``q-budget`` (as
 ``q``, from a pool grown at DITS's compute, :mod:`dits.stages.budget`); ``influence`` (by the

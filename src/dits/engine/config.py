@@ -56,7 +56,7 @@ class EngineConfig(BaseModel):
         None,
         ge=1,
         description="largest LoRA rank vLLM serves; None: the run's train.lora.r (vLLM's CPU LoRA kernels "
-        "cost in proportion to it: rank 64 made decoding 6x slower than rank 8 here)",
+        "cost in proportion to it, so serving a larger rank than the run trains slows decoding)",
     )
     max_loras: int = Field(1, ge=1, description="adapters vLLM runs in one batch (dits uses one at a time)")
 

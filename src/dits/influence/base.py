@@ -1,4 +1,4 @@
-"""What every influence estimator shares (DESIGN.md section 7).
+"""What every influence estimator shares (docs/design.md section 7).
 
 The quantity is ``I(z) = M(θ_z) − M(θ)``: ``θ_z`` is the adapter θ after ONE optimizer step of DPO on the
 candidate z (a chunk of pairs, a fresh optimizer: :func:`dits.train.step.one_step`), and ``M`` is the mean

@@ -16,7 +16,7 @@ from dits.tasks.example import AGENTS, Example
 
 
 class ProtocolConfig(BaseModel):
-    """How the agents talk. Defaults are DESIGN.md section 4's."""
+    """How the agents talk. Defaults are docs/design.md section 4's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

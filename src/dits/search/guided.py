@@ -1,4 +1,4 @@
-"""Influence-guided search (DESIGN.md section 7): a tree picks the node to grow by ``Q + λ·Î``.
+"""Influence-guided search (docs/design.md section 7): a tree picks the node to grow by ``Q + λ·Î``.
 
 ``Î(node)`` is the estimated influence of the preference pairs mined under the node: the mean score of the
 candidate pairs whose *chosen* child lies in the node's subtree (the node itself included), 0 where there is
@@ -8,10 +8,10 @@ tree's candidate pairs are, at any moment, each node's current (best, worst) chi
 thresholds: Q is still noisy during the search and a threshold would leave most of the tree at Î = 0.
 
 Why the chosen node and not the parent: a pair sits at a node with two children, i.e. (rollouts merging
-aside) at a node already selected, and the reference rule never selects a node twice. Credited to its parent
-and the parent's ancestors, a pair's score reached almost no selectable node: at explore 4 on the embedded
-model (4-turn conversations) the guided trees came out byte-identical to λ = 0's. The chosen child is
-often selectable (it has grandchildren unless its conversation is about to end), and growing it continues the
+aside) at a node already selected, and the reference rule never selects a node twice, so a score credited
+only to the parent and the parent's ancestors would reach almost no selectable node (in short
+conversations, often none; ``benchmarks/guide_reach.py`` counts them). The chosen child is often
+selectable (it has grandchildren unless its conversation is about to end), and growing it continues the
 conversation a DPO step on that pair would make likelier. The rejected child gets no credit: growing under
 the response the pair trains away from is not what a positive score argues for.
 

@@ -48,7 +48,7 @@ def default_tau(dataset: str) -> float:
 
 
 class PairConfig(BaseModel):
-    """Pair mining knobs (DESIGN.md section 6); ``tau=None`` takes the dataset's published τ."""
+    """Pair mining knobs (docs/design.md section 6); ``tau=None`` takes the dataset's published τ."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

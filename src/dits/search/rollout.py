@@ -205,7 +205,8 @@ def calibrate_t_norm(
     seed: int = 0,
 ) -> TNormCalibration:
     """Sample one conversation per task at the rollout temperature, in one batched dialogue run, and take
-    the ``reward.t_norm_percentile``-th (80th) percentile of communication tokens (DESIGN.md section 5)."""
+    the ``reward.t_norm_percentile``-th (80th) percentile of communication tokens (docs/design.md
+    section 5)."""
     if not examples:
         raise ValueError("calibrate_t_norm needs at least one example")
     reward = reward or RewardConfig()

@@ -1,4 +1,4 @@
-"""The ``budget`` stage: Optima given DITS's compute (the ``q-budget`` method, DESIGN.md section 8).
+"""The ``budget`` stage: Optima given DITS's compute (the ``q-budget`` method, docs/design.md section 7).
 
 DITS spends compute that Optima does not: the influence stage. The method's claim is that this compute beats
 the same compute spent on more Q-value search, so ``q-budget`` grows extra trees, from train tasks no other

@@ -1,9 +1,10 @@
-"""The ``select`` stage: keep the pairs to train on (DESIGN.md section 7, "Selection").
+"""The ``select`` stage: keep the pairs to train on (docs/design.md section 7, "Selection").
 
 Writes ``selected.jsonl``: the kept :class:`~dits.records.PreferencePair` records, in pool order. The DPO
 stage reads it; :func:`dits.train.rows.preference_dataset` turns it into the ``datasets.Dataset`` TRL's
-``DPOTrainer`` trains on. Strategies ``influence`` and ``mix`` need the ``scores.jsonl`` of an influence
-stage on the same pool; every pair must have a score.
+``DPOTrainer`` trains on. A strategy registered as reading influence (``influence``, ``mix``, ``mixHILQ``,
+``mixLIHQ``, :data:`dits.select.STRATEGIES`) needs the ``scores.jsonl`` of an influence stage on the same
+pool; every pair must have a score.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def select_to_dir(
     keep: int | None = None,
 ) -> SelectSummary:
     """Select from ``pairs`` (a ``pairs.jsonl`` or the pairs) with ``cfg`` and write ``selected.jsonl``
-    under ``out_dir``. ``scores``: a ``scores.jsonl`` or the scores (``influence``/``mix``); ``keep``: how
-    many to keep instead of the ratio's count."""
+    under ``out_dir``. ``scores``: a ``scores.jsonl`` or the scores (for a strategy that reads influence);
+    ``keep``: how many to keep instead of the ratio's count."""
     pool = read_jsonl(pairs, PreferencePair, repair=False) if isinstance(pairs, str | Path) else list(pairs)
     if isinstance(scores, str | Path):
         scores = read_jsonl(scores, InfluenceScore, repair=False)

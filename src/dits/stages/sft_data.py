@@ -1,5 +1,5 @@
-"""The ``sft-data`` stage (iSFT, DESIGN.md section 7b): best-of-n conversations per task, filtered, as SFT
-rows.
+"""The ``sft-data`` stage (iSFT, docs/design.md section 7b): best-of-n conversations per task, filtered, as
+SFT rows.
 
 Per task, ``n`` conversations are sampled at temperature 0.7 (tasks and samples in large batched dialogue
 runs, each with its own seed, so a sample does not depend on its batch) and rewarded with the Optima
@@ -148,7 +148,7 @@ def sample_conversations(
 
     ``T_norm``: ``t_norm`` if given; else with ``cfg.token_norm == "task_max"`` (the reference) each task's
     longest sample, else the ``reward.t_norm_percentile`` of all samples (drawn at the rollout temperature,
-    as section 5 asks). ``nll_engine`` runs the initial model for the readability NLLs (default
+    as docs/design.md section 5 asks). ``nll_engine`` runs the initial model for the readability NLLs (default
     ``engine``). Returns the samples (task-major) and the one ``T_norm`` used (None: per task).
     """
     cfg = cfg or SftDataConfig()
