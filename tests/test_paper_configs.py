@@ -27,8 +27,8 @@ BASE = PAPER_DIR / "_base.yaml"
 """The shared part: not a paper config (``_``-prefixed, no dataset), only a base for the per-dataset files."""
 RECORDED = Path(__file__).resolve().parent / "fixtures" / "paper_configs"
 
-# dataset -> (mode, lambda_tok, lambda_read, pair tau, SFT lr, iSFT threshold, DPO beta); DESIGN.md sections
-# 5, 6, 7b and the references' per-dataset values (Optima: tau, threshold; the DITS recipes: beta).
+# dataset -> (mode, lambda_tok, lambda_read, pair tau, SFT lr, iSFT threshold, DPO beta); docs/design.md
+# sections 5, 6, 7b and the references' per-dataset values (Optima: tau, threshold; the DITS recipes: beta).
 PAPER: dict[str, tuple[str, float, float, float, float, float, float]] = {
     "hotpotqa": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5, 0.1),
     "2wiki": ("exchange", -0.6, 1.0, 0.4, 2e-5, 0.5, 0.5),

@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "select", "keep a share of the pairs by Q, influence or both", "dits.stages.select")
     p.add_argument("--pairs", required=True, help="pairs.jsonl (from dits synthesize)")
-    p.add_argument("--scores", help="scores.jsonl (from dits influence); needed by influence and mix")
+    p.add_argument("--scores", help="scores.jsonl (from dits influence); needed by strategies that read it")
     p.add_argument("--out", required=True, help="output directory")
     _config_args(p, "select", short={k: f"select.{k}" for k in ("strategy", "ratio", "weight", "seed")})
     p.set_defaults(func=cmd_select)

@@ -1,4 +1,4 @@
-"""Influence of a candidate training chunk on the validation metric (DESIGN.md section 7).
+"""Influence of a candidate training chunk on the validation metric (docs/design.md section 7).
 
 A new estimator subclasses :class:`~dits.influence.base.InfluenceEstimator` (``_prepare`` once per θ,
 ``_score_chunk`` per candidate) with its name, ``class Mine(InfluenceEstimator, name="mine")``, in its own
