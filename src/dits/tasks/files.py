@@ -11,9 +11,10 @@ import hashlib
 import json
 import random
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 T = TypeVar("T")
 
@@ -30,6 +31,19 @@ class DatasetFormatError(ValueError):
 
 class RecordError(ValueError):
     """What is wrong with one record; the caller adds file and position (see :class:`DatasetFormatError`)."""
+
+
+class SplitTooShortError(DatasetFormatError):
+    """A split that holds fewer examples than were asked for (``file`` is the file or folder read)."""
+
+    def __init__(
+        self, file: str | Path, split: str, requested: int, available: int, detail: str = ""
+    ) -> None:
+        self.requested = requested
+        self.available = available
+        self.detail = detail
+        problem = f"{requested} examples requested but the split has only {available}{detail}"
+        super().__init__(file, f"{split} split", problem)
 
 
 def require(record: Mapping[str, Any], key: str, kind: type[T]) -> T:
@@ -70,25 +84,119 @@ def require_id(record: Mapping[str, Any], key: str) -> str:
     return value
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+"""Bytes that are not UTF-8, as ``errors="surrogateescape"`` decodes them (valid UTF-8 never gives these)."""
+
+
+def open_text(path: Path, newline: str | None = None) -> TextIO:
+    """``path`` opened as UTF-8 text; bytes that are not UTF-8 come through as lone surrogates, so the
+    reader can name their line (:func:`check_utf8`) instead of failing somewhere in a decoded chunk."""
+    return path.open(encoding="utf-8", errors="surrogateescape", newline=newline)
+
+
+def _not_utf8(text: str, position: int) -> str:
+    column = position - text.rfind("\n", 0, position)
+    return f"not valid UTF-8 (byte 0x{ord(text[position]) - 0xDC00:02x} at column {column})"
+
+
+def check_utf8(path: Path, number: int, line: str) -> None:
+    """A :class:`DatasetFormatError` naming line ``number`` if ``line`` (from :func:`open_text`) held
+    bytes that are not UTF-8."""
+    match = _UNDECODABLE.search(line)
+    if match:
+        raise DatasetFormatError(path, f"line {number}", _not_utf8(line, match.start()))
+
+
+def read_text(path: Path) -> str:
+    """The whole file as text (newlines translated as text mode does); bytes that are not UTF-8 are a
+    :class:`DatasetFormatError` naming the line and column."""
+    with open_text(path) as fh:
+        text = fh.read()
+    match = _UNDECODABLE.search(text)
+    if match:
+        line = text.count("\n", 0, match.start()) + 1
+        raise DatasetFormatError(path, f"line {line}", _not_utf8(text, match.start()))
+    return text
+
+
+_JSON_NESTING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _nesting(text: str) -> tuple[int, int]:
+    """The deepest ``[``/``{`` nesting of a JSON text and the offset where it first passes the parser's
+    reach (the recursion limit), else where it is deepest. Only run once parsing has failed."""
+    depth = deepest = 0
+    where = 0
+    limit = sys.getrecursionlimit()
+    passed = False
+    for match in _JSON_NESTING.finditer(text):
+        char = match.group()
+        if char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if not passed:
+                    where = match.start()
+                    passed = depth > limit
+        elif char in "]}":
+            depth -= 1
+    return deepest, where
+
+
+def _line_at(text: str, position: int) -> int:
+    return text.count("\n", 0, position) + 1
+
+
+def parse_json(path: Path, text: str, line: int | None = None) -> Any:
+    """``text`` parsed as JSON; ``line`` is its line in ``path`` (JSON Lines), else ``text`` is the whole
+    file and positions are counted in it. Every failure is a :class:`DatasetFormatError` naming the line:
+    syntax errors, nesting too deep for Python's parser, integers too long for ``int``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = line if line is not None else exc.lineno
+        raise DatasetFormatError(path, f"line {where}", f"invalid JSON ({exc.msg})") from exc
+    except RecursionError:
+        deepest, position = _nesting(text)
+        where = line if line is not None else _line_at(text, position)
+        problem = (
+            f"JSON nested {deepest} levels deep ([ and {{), deeper than Python's parser can read "
+            f"(about {sys.getrecursionlimit()})"
+        )
+        raise DatasetFormatError(path, f"line {where}", problem) from None
+    except ValueError as exc:
+        if "integer string conversion" not in str(exc):
+            where = line if line is not None else 1
+            raise DatasetFormatError(path, f"line {where}", f"invalid JSON ({exc})") from exc
+        limit = sys.get_int_max_str_digits()
+        number = re.search(rf"(?<![\w.])-?\d{{{limit + 1},}}(?![\w.])", text)
+        where = line if line is not None else (_line_at(text, number.start()) if number else 1)
+        size = f"{len(number.group().lstrip('-'))} digits" if number else f"more than {limit} digits"
+        problem = f"an integer of {size}; Python reads integers of at most {limit} digits"
+        raise DatasetFormatError(path, f"line {where}", problem) from exc
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """``("line N", object)`` for every non-blank line of a JSON Lines file."""
-    with path.open(encoding="utf-8") as fh:
+    """``("line N", object)`` for every non-blank line of a JSON Lines file (an empty file is an error)."""
+    records = 0
+    with open_text(path) as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            try:
-                yield f"line {number}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetFormatError(path, f"line {number}", f"invalid JSON ({exc.msg})") from exc
+            check_utf8(path, number, line)
+            record = parse_json(path, line, number)
+            records += 1
+            yield f"line {number}", record
+    if not records:
+        raise DatasetFormatError(path, "line 1", "no records (the file is empty)")
 
 
 def read_json(path: Path) -> Any:
-    """A whole JSON document; a syntax error names the file and the line."""
-    with path.open(encoding="utf-8") as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise DatasetFormatError(path, f"line {exc.lineno}", f"invalid JSON ({exc.msg})") from exc
+    """A whole JSON document; any error names the file and the line."""
+    text = read_text(path)
+    if not text.strip():
+        raise DatasetFormatError(path, "line 1", "no JSON document (the file is empty)")
+    return parse_json(path, text)
 
 
 def iter_json_array(path: Path, key: str | None = None) -> Iterator[tuple[str, Any]]:
@@ -100,6 +208,9 @@ def iter_json_array(path: Path, key: str | None = None) -> Iterator[tuple[str, A
         document = document[key]
     if not isinstance(document, list):
         raise DatasetFormatError(path, "top level", f"expected a JSON array, got {type(document).__name__}")
+    if not document:
+        where = "the JSON array" if key is None else f"the {key!r} list"
+        raise DatasetFormatError(path, "top level", f"no records ({where} is empty)")
     for index, record in enumerate(document):
         yield f"record {index}", record
 

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from dits.registry import Registry
 from dits.tasks.builtin import BUILTIN_DATASETS
 from dits.tasks.choice import MmluRow, arc_example, mmlu_example, read_mmlu_csv
 from dits.tasks.defaults import MethodDefaults, defaults_table
 from dits.tasks.example import Example, MetricName, Mode, canonical_split
-from dits.tasks.files import DatasetFormatError, RecordError, iter_json_array, iter_jsonl
+from dits.tasks.files import DatasetFormatError, RecordError, SplitTooShortError, iter_json_array, iter_jsonl
 from dits.tasks.math_data import gsm8k_example, iter_math_dir, math_example
 from dits.tasks.qa import CbtStory, cbt_example, multihop_example, read_cbt, triviaqa_example
 
@@ -214,6 +216,8 @@ def _read_math(path: Path) -> Iterator[Item]:
 
 def _read_mmlu(path: Path) -> Iterator[Item]:
     files = [path] if path.is_file() else sorted(path.glob("*.csv"))
+    if not files:
+        raise DatasetFormatError(path, "top level", "no rows (no <subject>_<split>.csv files)")
     for file in files:
         for label, row in read_mmlu_csv(file):
             yield str(file), label, row
@@ -476,13 +480,24 @@ def _hub_items(spec: DatasetSpec, split: str) -> Iterator[Item]:
         yield source, label, raw
 
 
+def _invalid(exc: ValidationError) -> str:
+    """A pydantic error in one line: ``field: message; ...``."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "not a valid example (" + "; ".join(parts) + ")"
+
+
 def _examples(
     spec: DatasetSpec, items: Iterable[Item], split: str, seed: int, limit: int | None, source: Path | None
-) -> list[Example]:
+) -> tuple[list[Example], int]:
+    """The examples, and how many records were skipped (no evidence text)."""
     assert spec.make is not None
     examples: list[Example] = []
     seen: dict[str, int] = {}
     skipped = 0
+    origin = str(source)
     for origin, label, raw in items:
         if limit is not None and len(examples) >= limit:
             break
@@ -490,6 +505,8 @@ def _examples(
             example = spec.make(raw, split, seed, source)
         except RecordError as exc:
             raise DatasetFormatError(origin, label, str(exc)) from exc
+        except ValidationError as exc:
+            raise DatasetFormatError(origin, label, _invalid(exc)) from exc
         if example is None:
             skipped += 1
             continue
@@ -502,6 +519,20 @@ def _examples(
         examples.append(example)
     if skipped:
         logger.warning("%s %s: skipped %d records without any evidence text", spec.name, split, skipped)
+        if not examples and limit != 0:
+            problem = f"no usable records: all {skipped} have no evidence text"
+            if source is not None:
+                problem += f" (is the evidence folder {_evidence_root(source)} there?)"
+            raise DatasetFormatError(source or origin, f"records 0..{skipped - 1}", problem)
+    return examples, skipped
+
+
+def _checked_count(
+    examples: list[Example], skipped: int, where: str, split: str, limit: int | None, up_to: bool
+) -> list[Example]:
+    if not up_to and limit is not None and len(examples) < limit:
+        detail = f" ({skipped} records skipped without evidence text)" if skipped else ""
+        raise SplitTooShortError(where, split, limit, len(examples), detail)
     return examples
 
 
@@ -512,13 +543,16 @@ def load_examples(
     *,
     seed: int = 0,
     limit: int | None = None,
+    up_to: bool = False,
 ) -> list[Example]:
     """The examples of one split, in file order, contexts dealt with ``seed``.
 
     ``path`` may be the split's file (folder for MATH/MMLU), the dataset's folder, or a data root; when
     it is ``None``, :func:`default_data_root` (and for ``test`` :func:`default_heldout_root`) is
-    searched, then the hub. ``limit`` keeps the first examples; it never changes their contexts. A
-    malformed record raises :class:`DatasetFormatError` naming the file and the record.
+    searched, then the hub. ``limit`` keeps the first ``limit`` examples; it never changes their contexts.
+    A split holding fewer is a :class:`~dits.tasks.files.SplitTooShortError` naming the file or folder
+    read and both counts, unless ``up_to`` (then fewer are returned). A malformed record, and a file
+    without records, raises :class:`DatasetFormatError` naming the file and the line or record.
 
     Built-in tasks are generated: ``limit`` is then the number of examples (required), with default
     difficulty; use :func:`dits.tasks.builtin.make_builtin` for the knobs.
@@ -543,15 +577,19 @@ def load_examples(
     for base in bases:
         source = _locate(spec, base, split)
         if source is not None:
-            return _examples(spec, spec.read(source), split, seed, limit, source)
+            examples, skipped = _examples(spec, spec.read(source), split, seed, limit, source)
+            return _checked_count(examples, skipped, str(source), split, limit, up_to)
     wanted = ", ".join(spec.files[split])
     looked = f"looked for {wanted} under {', '.join(str(b) for b in bases)} (and their {spec.directory}/)"
     if path is not None or spec.hub is None:
         raise FileNotFoundError(f"no {dataset} {split} data: {looked}")
     logger.info("no local %s %s data (%s); trying the hub", dataset, split, looked)
     try:
-        return _examples(spec, _hub_items(spec, split), split, seed, limit, None)
+        examples, skipped = _examples(spec, _hub_items(spec, split), split, seed, limit, None)
     except DatasetFormatError:
         raise
     except Exception as exc:
         raise FileNotFoundError(f"no {dataset} {split} data: {looked}; the hub failed too: {exc}") from exc
+    hub = spec.hub.splits[split].split
+    where = f"hub:{spec.hub.path}" + (f"/{spec.hub.config}" if spec.hub.config else "") + f" ({hub})"
+    return _checked_count(examples, skipped, where, split, limit, up_to)

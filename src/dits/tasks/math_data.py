@@ -14,7 +14,7 @@ from typing import Any
 
 from dits.tasks.answers import extract_boxed
 from dits.tasks.example import Example
-from dits.tasks.files import RecordError, content_id, read_json, require_text
+from dits.tasks.files import DatasetFormatError, RecordError, content_id, read_json, require_text
 
 _GSM8K_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?:\D|$))")
@@ -51,10 +51,21 @@ def _file_number(path: Path) -> tuple[int, str]:
 
 
 def iter_math_dir(split_dir: Path) -> Iterator[tuple[Path, str, Any]]:
-    """``(file, "problem subject/n", record)`` for every ``<subject>/<n>.json``, by subject then number."""
+    """``(file, "problem subject/n", record)`` for every ``<subject>/<n>.json``, by subject then number.
+
+    A split folder without any problem file is a :class:`DatasetFormatError`.
+    """
+    if not split_dir.is_dir():
+        raise DatasetFormatError(
+            split_dir, "top level", "expected a split folder of <subject>/<n>.json files"
+        )
+    problems = 0
     for subject_dir in sorted(path for path in split_dir.iterdir() if path.is_dir()):
         for file in sorted(subject_dir.glob("*.json"), key=_file_number):
+            problems += 1
             yield file, f"problem {subject_dir.name}/{file.stem}", read_json(file)
+    if not problems:
+        raise DatasetFormatError(split_dir, "top level", "no problems (no <subject>/<n>.json files)")
 
 
 def math_example(record: Mapping[str, Any], split: str) -> Example:

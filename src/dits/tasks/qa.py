@@ -9,14 +9,25 @@ load order or limit.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from dits.tasks.example import Example
-from dits.tasks.files import DatasetFormatError, RecordError, example_rng, require, require_id, require_text
+from dits.tasks.files import (
+    DatasetFormatError,
+    RecordError,
+    check_utf8,
+    example_rng,
+    open_text,
+    read_text,
+    require,
+    require_id,
+    require_text,
+)
 
 WIKI_SNIPPET_CHARS = 800
 """TriviaQA entity pages are whole Wikipedia articles; an agent gets the lead paragraphs up to this size."""
@@ -164,12 +175,41 @@ def _lead_paragraphs(text: str, budget: int = WIKI_SNIPPET_CHARS) -> str:
     return " ".join(kept)
 
 
+def evidence_file(folder: Path, filename: str, field: str) -> Path:
+    """``folder / filename``, checked to stay inside ``folder``: an absolute name, or one whose ``..``
+    parts climb out, is a :class:`RecordError` (a record must never make the loader read a file outside
+    the dataset's evidence folder; :func:`_read_evidence` checks symlinks when a file is read)."""
+    if "\x00" in filename:
+        raise RecordError(f"{field} {filename!r} is not a file name (it holds a NUL character)")
+    relative = PurePath(filename)
+    inside = not relative.is_absolute() and not relative.drive
+    if inside and ".." in relative.parts:
+        inside = not os.path.normpath(relative).startswith("..")
+    if not inside:
+        raise RecordError(f"{field} {filename!r} points outside the evidence folder {folder}")
+    return folder / relative
+
+
+def _read_evidence(path: Path, folder: Path, field: str) -> str:
+    """The text of an evidence file that must resolve (links followed) to a file inside ``folder``."""
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise RecordError(
+            f"{field} {str(path.relative_to(folder))!r} links outside the evidence folder {folder}"
+        )
+    try:
+        return read_text(path)
+    except DatasetFormatError as exc:
+        raise RecordError(f"{field}: evidence file {exc}") from exc
+
+
 def triviaqa_snippets(record: Mapping[str, Any], evidence_root: Path | None) -> list[str]:
     """Evidence snippets of a TriviaQA rc record.
 
     Each search result gives ``Title: Description``. Each entity page gives the lead of its article,
     read from ``WikiContext`` (hub copies) or from ``evidence/wikipedia/<Filename>`` when the evidence
-    folder of the release sits next to the question file. Duplicates are dropped.
+    folder of the release sits next to the question file. Duplicates are dropped. A ``Filename`` that
+    points outside ``evidence/wikipedia/`` (entity pages) or ``evidence/web/`` (search results) is a
+    :class:`RecordError`: it is never read.
     """
     snippets: list[str] = []
     results = record.get("SearchResults") or []
@@ -178,6 +218,9 @@ def triviaqa_snippets(record: Mapping[str, Any], evidence_root: Path | None) -> 
     for index, result in enumerate(results):
         if not isinstance(result, Mapping):
             raise RecordError(f"SearchResults[{index}] should be an object")
+        filename = result.get("Filename")
+        if evidence_root is not None and isinstance(filename, str) and filename:
+            evidence_file(evidence_root / "web", filename, f"SearchResults[{index}].Filename")
         description = str(result.get("Description") or "").strip()
         if description:
             title = str(result.get("Title") or "").strip()
@@ -190,10 +233,12 @@ def triviaqa_snippets(record: Mapping[str, Any], evidence_root: Path | None) -> 
             raise RecordError(f"EntityPages[{index}] should be an object")
         text = page.get("WikiContext")
         filename = page.get("Filename")
-        if not text and evidence_root is not None and isinstance(filename, str):
-            article = evidence_root / "wikipedia" / filename
-            if article.is_file():
-                text = article.read_text(encoding="utf-8")
+        if evidence_root is not None and isinstance(filename, str) and filename:
+            folder = evidence_root / "wikipedia"
+            field = f"EntityPages[{index}].Filename"
+            article = evidence_file(folder, filename, field)
+            if not text and article.is_file():
+                text = _read_evidence(article, folder, field)
         if isinstance(text, str) and text.strip():
             title = str(page.get("Title") or "").strip()
             lead = _lead_paragraphs(text)
@@ -261,8 +306,10 @@ def read_cbt(path: Path) -> Iterator[tuple[str, CbtStory]]:
     """
     sentences: list[str] = []
     start = 0
-    with path.open(encoding="utf-8") as fh:
+    stories = 0
+    with open_text(path) as fh:
         for number, raw in enumerate(fh, start=1):
+            check_utf8(path, number, raw)
             line = raw.rstrip("\r\n")
             if not line.strip():
                 if sentences:
@@ -286,10 +333,13 @@ def read_cbt(path: Path) -> Iterator[tuple[str, CbtStory]]:
                 query, answer, candidates = _cbt_query(text)
             except RecordError as exc:
                 raise DatasetFormatError(path, f"line {number}", str(exc)) from exc
+            stories += 1
             yield f"line {start}", CbtStory(tuple(sentences), query, answer, candidates)
             sentences = []
     if sentences:
         raise DatasetFormatError(path, f"line {start}", "story ends without a query line")
+    if not stories:
+        raise DatasetFormatError(path, "line 1", "no stories (the file is empty)")
 
 
 def cbt_example(story: CbtStory, example_id: str, split: str, dataset: str = "cbt") -> Example:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from dits.tasks.builtin import BUILTIN_DATASETS, make_builtin
 from dits.tasks.example import SPLITS, Example, canonical_split
+from dits.tasks.files import SplitTooShortError
 from dits.tasks.loaders import load_examples
 
 __all__ = ["TaskSource", "examples_for", "split_count"]
@@ -36,12 +37,17 @@ def split_count(task_cfg: TaskSource, split: str) -> int:
     return int(getattr(task_cfg, name))
 
 
-def examples_for(task_cfg: TaskSource, split: str, limit: int | None = None) -> list[Example]:
+def examples_for(
+    task_cfg: TaskSource, split: str, limit: int | None = None, *, up_to: bool = False
+) -> list[Example]:
     """The examples of ``split``: ``limit`` of them if given, else the configured count for the split.
 
     Built-in datasets are generated with ``task_cfg.knobs`` and ``task_cfg.seed``; file datasets are read
-    (contexts dealt with ``task_cfg.seed``) and cut to the count. The first ``n`` examples never depend
-    on ``n``, so a smaller limit gives a prefix of a larger one.
+    (contexts dealt with ``task_cfg.seed``) and cut to the count. A file split holding fewer examples than
+    that count is a :class:`~dits.tasks.files.SplitTooShortError` naming the file (or folder) read, the
+    count asked for and the count available, unless ``up_to`` (then the caller gets what there is and
+    checks the length itself). The first ``n`` examples never depend on ``n``, so a smaller limit gives a
+    prefix of a larger one.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
@@ -53,4 +59,16 @@ def examples_for(task_cfg: TaskSource, split: str, limit: int | None = None) -> 
             f"task.knobs {sorted(task_cfg.knobs)} apply only to built-in datasets {list(BUILTIN_DATASETS)}, "
             f"not to {task_cfg.dataset!r}"
         )
-    return load_examples(task_cfg.dataset, split, task_cfg.path, seed=task_cfg.seed, limit=n)
+    args = (task_cfg.dataset, split, task_cfg.path)
+    try:
+        if up_to:
+            return load_examples(*args, seed=task_cfg.seed, limit=n, up_to=True)
+        # (up_to is passed only when set: callers and tests that stand in for load_examples know this form)
+        return load_examples(*args, seed=task_cfg.seed, limit=n)
+    except SplitTooShortError as exc:
+        asked = f"task.{canonical_split(split)} = {n}" if limit is None else f"a limit of {n}"
+        detail = (
+            f"{exc.detail} ({task_cfg.dataset}, {asked}); ask for at most {exc.available} "
+            "or point task.path at a larger split"
+        )
+        raise SplitTooShortError(exc.file, canonical_split(split), n, exc.available, detail) from None
