@@ -112,6 +112,7 @@ def _scores_without_cost(path: Path) -> list[tuple]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrupted, tmp_path, monkeypatch):
+    import dits.stages.influence
     import dits.stages.search
     import dits.train.trainer
 
@@ -125,14 +126,29 @@ def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrup
             _run(engine, tmp_path)
     run = tmp_path / "tiny"
     assert (run / "iter_0/search/trees.jsonl").exists() and read_manifest(run / "iter_0/search") is None
-    # 2) killed in the first DPO training, before the adapter was saved
+    # 2) killed in the influence stage, after its first chunk's score was appended
+    score = dits.stages.influence.ScoreChunk.__call__
+    calls = []
+
+    def once(self, bench, unit):  # type: ignore[no-untyped-def]
+        calls.append(unit)
+        if len(calls) > 1:
+            raise KeyboardInterrupt("killed")
+        return score(self, bench, unit)
+
+    with monkeypatch.context() as m:
+        m.setattr(dits.stages.influence.ScoreChunk, "__call__", once)
+        with pytest.raises(KeyboardInterrupt):
+            _run(engine, tmp_path)
+    assert len((run / "iter_0/influence/scores.jsonl").read_text().splitlines()) == 1
+    # 3) killed in the first DPO training, before the adapter was saved
     with monkeypatch.context() as m:
         m.setattr(dits.train.trainer, "finish_training", killed)
         with pytest.raises(KeyboardInterrupt):
             _run(engine, tmp_path)
     assert read_manifest(run / "iter_0/search") is not None
     assert read_manifest(run / "iter_0/dpo-q") is None
-    # 3) the rerun completes
+    # 4) the rerun completes: the same artifacts, and every stage charged what the uninterrupted run was
     _run(engine, tmp_path)
     for rel in ARTIFACTS:
         a, b = uninterrupted / rel, run / rel
@@ -140,6 +156,16 @@ def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrup
             assert _scores_without_cost(a) == _scores_without_cost(b), rel
         else:
             assert a.read_bytes() == b.read_bytes(), rel
+    for manifest in uninterrupted.glob("*/*/manifest.json"):
+        rel = manifest.relative_to(uninterrupted)
+        ledger = json.loads(manifest.read_text())["ledger"]
+        assert json.loads((run / rel).read_text())["ledger"] == ledger, rel
+    from dits.report import collect_rows
+
+    def flops(run_dir: Path) -> dict:  # the report's FLOPs per method (q-budget's priced from influence)
+        return {(r.method, r.iteration, r.kind, r.k): (r.flops, r.tokens) for r in collect_rows(run_dir)}
+
+    assert flops(run) == flops(uninterrupted)
 
 
 @pytest.mark.slow
@@ -306,6 +332,8 @@ def test_changed_config_of_a_finished_stage_is_refused(tmp_path):
     stage_dir.mkdir(parents=True)
     old = {"digest": "old", "inputs": {"protocol": {"max_turns": 9}}}
     (stage_dir / "stage.json").write_text(json.dumps(old))
+    (stage_dir / "manifest.json").write_text(json.dumps({**old, "stage": "evaluate", "iteration": None,
+                                                         "method": None}))  # fmt: skip
     with pytest.raises(StageChanged, match=r"protocol\.max_turns: 9 -> 2"):
         evaluate_stage(pipe.ctx, None, None, base, [])
     shutil.rmtree(stage_dir)

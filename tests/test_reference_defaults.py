@@ -23,17 +23,21 @@ from dits.tasks.source import examples_for
 from tests.fakes import ScriptedEngine
 
 
-def test_a_dataset_without_published_defaults_fails_naming_it(monkeypatch):
+def test_a_dataset_without_published_defaults_fails_naming_it():
     spec = loaders.DATASETS["facts"]
-    monkeypatch.setitem(loaders.DATASETS, "mytask", type(spec)("mytask", "exchange", "f1", builtin=True))
-    with pytest.raises(ValueError, match="'mytask' has no published defaults"):
-        loaders.method_defaults("mytask")
-    with pytest.raises(ConfigError, match="mytask"):
-        load_config(None, {"task.dataset": "mytask"})
-    # Setting every dataset-dependent key by hand is enough.
-    cfg = load_config(None, {"task.dataset": "mytask", "train.dpo.beta": 0.2, "train.sft_from": "initial"})
-    assert cfg.influence.beta == 0.2
-    with pytest.raises(ConfigError, match="unknown dataset 'nosuch'"):
+    loaders.DATASETS.add("mytask", type(spec)("mytask", "exchange", "f1", builtin=True))
+    try:
+        with pytest.raises(ValueError, match="'mytask' has no published defaults"):
+            loaders.method_defaults("mytask")
+        with pytest.raises(ConfigError, match="mytask"):
+            load_config(None, {"task.dataset": "mytask"})
+        # Setting every dataset-dependent key by hand is enough.
+        by_hand = {"task.dataset": "mytask", "train.dpo.beta": 0.2, "train.sft_from": "initial"}
+        cfg = load_config(None, by_hand)
+        assert cfg.influence.beta == 0.2
+    finally:
+        loaders.DATASETS.remove("mytask")
+    with pytest.raises(ConfigError, match=r"unknown task\.dataset 'nosuch'"):
         load_config(None, {"task.dataset": "nosuch"})
 
 

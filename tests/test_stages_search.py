@@ -48,11 +48,13 @@ def test_read_trees_cuts_a_torn_last_line_and_refuses_a_corrupt_middle(tmp_path)
     good = "".join(_small_tree(f"t{i}").to_json() + "\n" for i in range(2))
     torn = _small_tree("t2").to_json()
     path.write_text(good + torn[: len(torn) // 2])
-    assert [t.task_id for t in read_jsonl(path, Tree)] == ["t0", "t1"]
+    with pytest.raises(ValueError, match="jsonl:3: torn last line"):  # read as a finished artifact
+        read_jsonl(path, Tree)
+    assert [t.task_id for t in read_jsonl(path, Tree, repair=True)] == ["t0", "t1"]  # read to resume
     assert path.read_text() == good  # truncated on disk, ready for appends
 
     path.write_text(good + torn)  # a whole tree whose newline never made it: kept, newline restored
-    assert [t.task_id for t in read_jsonl(path, Tree)] == ["t0", "t1", "t2"]
+    assert [t.task_id for t in read_jsonl(path, Tree, repair=True)] == ["t0", "t1", "t2"]
     assert path.read_text() == good + torn + "\n"
 
     path.write_text(good.replace('"t0"', '"t0', 1))

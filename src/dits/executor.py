@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dits.engine.base import Engine
 from dits.engine.policy import TrainablePolicy
-from dits.ledger import Ledger
+from dits.ledger import Ledger, LedgerCounts
 
 __all__ = ["EngineBench", "Executor", "ExecutorConfig", "LocalExecutor", "Work", "Workbench"]
 
@@ -32,7 +32,7 @@ R = TypeVar("R")
 class ExecutorConfig(BaseModel):
     """Where work units run. Not part of any stage's inputs: a run may be resumed under another executor."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: Literal["local", "ray"] = "local"
     workers: int = Field(2, ge=1, description="ray: actors, each holding one engine")
@@ -73,6 +73,10 @@ class Work(Protocol[U, R]):
 
 
 class Executor(Protocol):
+    setup_spent: LedgerCounts
+    """What the works' per-process setups charged to the run's ledger so far (a setup repeated on further
+    workers is not charged): lets a caller tell a unit's own cost from its setup's."""
+
     def map(self, work: Work[U, R], units: Sequence[U], model: Any = None) -> Iterator[R]:
         """``work(bench, unit)`` for every unit, on a bench with ``model`` (a
         :class:`~dits.stages.context.ModelRef`) active; results in unit order, each as soon as it and
@@ -124,6 +128,7 @@ class LocalExecutor:
 
     def __init__(self, bench: Callable[[Any], Workbench]) -> None:
         self._bench = bench
+        self.setup_spent = LedgerCounts()
 
     @classmethod
     def on(cls, engine: Engine, **kw: Any) -> LocalExecutor:
@@ -135,7 +140,9 @@ class LocalExecutor:
         if not units:
             return
         bench = self._bench(model)
+        before = bench.ledger.snapshot()
         setup(work, bench)
+        self.setup_spent = self.setup_spent + (bench.ledger.snapshot() - before)
         try:
             for unit in units:
                 yield work(bench, unit)

@@ -100,6 +100,7 @@ class RayExecutor:
         self.replaced = 0
         """Actors replaced after dying (the run's count)."""
         self.setup_overhead_flops = 0.0
+        self.setup_spent = LedgerCounts()
         """FLOPs of setups repeated on more than one actor (run, not charged to any stage)."""
 
     # -- the actors ---------------------------------------------------------------------------------
@@ -193,6 +194,7 @@ class RayExecutor:
                         self.setup_overhead_flops += self._ledger().flops(spent)
                     else:
                         self._ledger().add(spent)
+                        self.setup_spent = self.setup_spent + spent
                         charged = True
                     continue
                 slot, i = running.pop(ref)

@@ -273,7 +273,7 @@ def influence_points(run_dir: Path) -> list[tuple[float, float]]:
                 continue
             q = {
                 pair_key(p): p.q_chosen
-                for p in read_jsonl(search_dir / PAIRS_FILE, PreferencePair, repair=False)
+                for p in read_jsonl(search_dir / PAIRS_FILE, PreferencePair)
             }
             for s in read_jsonl(infl / SCORES_FILE, InfluenceScore):
                 points.extend((q[k], s.score) for k in s.pair_ids if k in q)

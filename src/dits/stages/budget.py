@@ -59,7 +59,7 @@ class BudgetPlan(BaseModel):
 
 def plan_extra_trees(trees_path: Path, target_flops: float) -> BudgetPlan:
     """The extra trees that cost ``target_flops``, priced at the mean tree of ``trees_path``."""
-    trees = read_jsonl(trees_path, Tree, repair=False)
+    trees = read_jsonl(trees_path, Tree)
     per_tree = sum(t.flops for t in trees) / len(trees) if trees else 0.0
     if per_tree <= 0:
         raise ValueError(f"the trees of {trees_path} carry no cost; cannot price extra trees")
@@ -90,7 +90,7 @@ def budget_stage(
     ``pairs`` (the whole pool), ``base_pairs`` (the lineage's pool alone) and the plan's target FLOPs."""
     cfg = ctx.cfg
     plan = budget_plan(pool, influence)
-    tasks = examples_for(cfg.task, "train", limit=first_spare + plan.trees)[first_spare:]
+    tasks = examples_for(cfg.task, "train", limit=first_spare + plan.trees, up_to=True)[first_spare:]
     if len(tasks) < plan.trees:
         raise ValueError(
             f"{owner}: matching the influence stage's {plan.target_flops:.3g} FLOPs takes {plan.trees} extra "
@@ -107,8 +107,8 @@ def budget_stage(
         cal = TNormCalibration.model_validate_json(pool.file(T_NORM_FILE).read_text(encoding="utf-8"))
         s = grow_pool(engine, tasks, cfg, out, seed=seed, t_norm=cal.t_norm, progress=ctx.progress,
                       executor=ctx.executor, model=model, nll_engine=ctx.holder.initial())  # fmt: skip
-        base = read_jsonl(pool.file(PAIRS_FILE), PreferencePair, repair=False)
-        extra = read_jsonl(out / PAIRS_FILE, PreferencePair, repair=False)
+        base = read_jsonl(pool.file(PAIRS_FILE), PreferencePair)
+        extra = read_jsonl(out / PAIRS_FILE, PreferencePair)
         write_jsonl_atomic(out / POOL_FILE, [*base, *extra])
         write_json_atomic(out / PLAN_FILE, plan.model_dump())
         log.info("%s: %d extra trees (%d pairs) for %.3g FLOPs of influence; pool %d pairs",

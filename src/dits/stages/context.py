@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from dits.artifacts import StageManifest, digest, file_digest, run_stage
+from dits.artifacts import StageManifest, digest, file_digest, lock_dir, run_stage, unlock_dir
 from dits.config import RunConfig
 from dits.engine import BACKENDS, Engine, engine_from_config, policy_from_config
 from dits.engine.policy import TrainablePolicy
@@ -329,13 +329,17 @@ class StageContext:
         # Absolute, so a model's path (a Product's) reads the same from any process or node.
         self.run_dir = self.run_dir.resolve()
         self.out_dir = self.out_dir.resolve() if self.out_dir is not None else None
+        self._locked: Path | None = lock_dir(self.out_dir or self.run_dir)  # before anything is written
         if self.executor is None:
             self.executor = executor_for(self.cfg, self.holder)
 
     def close(self) -> None:
-        """Stop the executor's workers (Ray actors); the engines here stay."""
+        """Stop the executor's workers (Ray actors) and give the run directory back; the engines stay."""
         if self.executor is not None:
             self.executor.close()
+        if self._locked is not None:
+            unlock_dir(self._locked)
+            self._locked = None
 
     def __enter__(self) -> StageContext:
         return self

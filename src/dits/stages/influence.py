@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dits.artifacts import SCORES_FILE, TRAIN_RESULT_FILE, StageIncomplete, read_jsonl
+from dits.artifacts import SCORES_FILE, TRAIN_RESULT_FILE, CostJournal, StageIncomplete, read_jsonl
 from dits.config import RunConfig
 from dits.engine.base import Engine
 from dits.executor import Executor, Workbench
@@ -150,7 +150,7 @@ def score_pool(
     if not val_examples:
         raise ValueError("influence needs at least one validation example")
     icfg = run_cfg.influence
-    pool = read_jsonl(pairs, PreferencePair, repair=False) if isinstance(pairs, str | Path) else list(pairs)
+    pool = read_jsonl(pairs, PreferencePair) if isinstance(pairs, str | Path) else list(pairs)
     chunks = chunk_pairs(pool, icfg.chunk_size, icfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,10 +197,11 @@ def _theta(ctx: StageContext, model: ModelRef, pairs: Path, out: Path) -> Theta:
 
         dpo = cfg.train.dpo.model_copy(update={"max_steps": steps})
         train_cfg = cfg.train.model_copy(update={"full_finetune": False, "dpo": dpo})
-        pool = read_jsonl(pairs, PreferencePair, repair=False)
+        pool = read_jsonl(pairs, PreferencePair)
         init = model.path if model.kind == "adapter" else None
         policy = ctx.policy(model)
-        train_dpo(policy, pool, train_cfg, warm, init_adapter=init, adapter_name=name)
+        with CostJournal(out).measure("warmup", policy.ledger):
+            train_dpo(policy, pool, train_cfg, warm, init_adapter=init, adapter_name=name)
         policy.delete_adapter(name)  # scoring loads the saved one, here as on any worker
     return Theta(name=name, path=str(warm))
 

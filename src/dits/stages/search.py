@@ -36,6 +36,7 @@ from dits.artifacts import (
     SEARCH_SUMMARY_FILE,
     T_NORM_FILE,
     TREES_FILE,
+    CostJournal,
     write_jsonl_atomic,
     write_text_atomic,
 )
@@ -269,7 +270,9 @@ def grow_pool(
     if trees.found:
         log.info("resuming: %d of %d trees already in %s", trees.found, len(examples), trees_path)
 
-    cal = load_or_calibrate_t_norm(engine, examples, run_cfg, out / T_NORM_FILE, seed=seed, t_norm=t_norm)
+    journal = CostJournal(out)
+    with journal.measure("t_norm", engine.ledger):
+        cal = load_or_calibrate_t_norm(engine, examples, run_cfg, out / T_NORM_FILE, seed=seed, t_norm=t_norm)
     found = trees.records()
     rollouts_done = sum(len(tree.rollouts) for tree in found)
     pairs_found = sum(count_tree_pairs(tree, by_id[tree.task_id], pair_cfg) for tree in found)
@@ -288,7 +291,8 @@ def grow_pool(
 
     with ExitStack() as stack:
         if trees.pending and guide is None and make_guide is not None:  # prepared only if a tree is grown
-            guide = stack.enter_context(make_guide())
+            with journal.measure("guide", engine.ledger):
+                guide = stack.enter_context(make_guide())
         work = GrowShard(run_cfg, cal.t_norm, seed, guide=guide, watch=watch)
         # A guide holds θ and its estimator on this engine: guided shards run here, in order.
         run = trees.run(work, None if guide is not None else executor, model, engine=engine,

@@ -55,9 +55,9 @@ def select_to_dir(
     """Select from ``pairs`` (a ``pairs.jsonl`` or the pairs) with ``cfg`` and write ``selected.jsonl``
     under ``out_dir``. ``scores``: a ``scores.jsonl`` or the scores (for a strategy that reads influence);
     ``keep``: how many to keep instead of the ratio's count."""
-    pool = read_jsonl(pairs, PreferencePair, repair=False) if isinstance(pairs, str | Path) else list(pairs)
+    pool = read_jsonl(pairs, PreferencePair) if isinstance(pairs, str | Path) else list(pairs)
     if isinstance(scores, str | Path):
-        scores = read_jsonl(scores, InfluenceScore, repair=False)
+        scores = read_jsonl(scores, InfluenceScore)
     if needs_scores(cfg.strategy) and scores is None:
         raise ValueError(
             f"strategy {cfg.strategy!r} needs influence scores: pass the scores.jsonl of `dits influence` "

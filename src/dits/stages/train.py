@@ -44,7 +44,7 @@ def train_stage(
                 return {"rows": 0, "trained": 0}
             res = train_sft(engine, rows, cfg.train, out, adapter_name=result.adapter_name, init_adapter=init)
         else:
-            pairs = read_jsonl(data.file(SELECTED_FILE), PreferencePair, repair=False)
+            pairs = read_jsonl(data.file(SELECTED_FILE), PreferencePair)
             if not pairs:
                 return {"rows": 0, "trained": 0}
             res = train_dpo(

@@ -5,7 +5,9 @@ as an uninterrupted one: batched float arithmetic depends, in the last bits, on 
 unit names the records it produces; :class:`UnitMap` reads the records already in the stage's JSONL file
 (a torn last line is cut off), maps the units that still miss one through the executor, and appends each
 unit's new records in unit order as soon as it and every unit before it are done (flushed and fsynced, so a
-kill loses at most the units in flight). Progress and the ledger's cost are kept here, once.
+kill loses at most the units in flight). Progress and cost are kept here, once: each unit's cost (apart
+from its process's setup, entered once) goes to the stage's :class:`~dits.artifacts.CostJournal` before its
+records, so a stage resumed by another process is charged what an uninterrupted one is.
 
 This is the skip/resume layer that datatrove keeps per pipeline step; it is written here because it has
 to speak our executors (:mod:`dits.executor`), ledger and typed records.
@@ -22,7 +24,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from dits.artifacts import append_jsonl, read_jsonl
+from dits.artifacts import CostJournal, append_jsonl, read_jsonl
 from dits.engine.base import Engine
 from dits.engine.policy import TrainablePolicy
 from dits.executor import Executor, LocalExecutor, Work
@@ -67,7 +69,7 @@ class UnitMap(Generic[P, R]):
             raise ValueError(f"limit must be >= 0, got {limit}")
         self.units, self.path, self.key = list(units), path, key
         self.done: dict[str, R] = {}
-        for rec in read_jsonl(path, record) if path is not None else []:
+        for rec in read_jsonl(path, record, repair=True) if path is not None else []:
             k = key(rec)
             if k in self.done:
                 raise ValueError(f"{path} holds {record.__name__} {k!r} twice")
@@ -109,7 +111,9 @@ class UnitMap(Generic[P, R]):
         if executor is None:
             executor, model = LocalExecutor.on(engine, initial=initial, policy=policy), None
         ledger: Ledger = engine.ledger
-        before = ledger.snapshot()
+        journal = CostJournal(self.path.parent) if self.path is not None else None
+        before = last = ledger.snapshot()
+        setup_seen = executor.setup_spent
         bar = self._bar = tqdm(
             total=self.total, initial=self.found, unit=unit, desc=desc, disable=not progress
         )
@@ -119,8 +123,14 @@ class UnitMap(Generic[P, R]):
                 if [self.key(r) for r in records] != list(u.keys):
                     raise ValueError(f"{desc}: a unit returned records other than the ones it names")
                 new = [r for r in records if self.key(r) not in self.done]
-                if self.path is not None:
+                now, setup = ledger.snapshot(), executor.setup_spent - setup_seen
+                setup_seen = executor.setup_spent
+                if journal is not None and self.path is not None:  # the cost first: kept with the records
+                    if setup != LedgerCounts():
+                        journal.offer(f"{self.path.name}:setup", setup)
+                    journal.offer(f"{self.path.name}:{u.keys[0]}", now - last - setup)
                     append_jsonl(self.path, new)
+                last = now
                 for r in new:
                     self.done[self.key(r)] = r
                 self.spent = ledger.snapshot() - before
