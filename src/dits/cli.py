@@ -5,7 +5,13 @@ defaults, the others from ``--config`` (the defaults if omitted); all take repea
 ``smoke``, ``evaluate``, ``synthesize``, ``influence`` and ``select`` also get one ``--SECTION.KEY`` flag per
 key of the config sections they read, built from the config models (help from the field's description,
 choices from its ``Literal`` or its registry, :mod:`dits.registry`), plus short aliases such as
-``--strategy``; a flag beats ``--set``, which beats the file.
+``--strategy``; a flag beats ``--set``, which beats the file. Flags and ``--set`` values are validated by the
+same config model as the file (:func:`dits.config.load_config`).
+
+Every known error (a config that does not validate, a YAML syntax error, a missing file, a stage that holds
+other inputs' artifacts, a malformed dataset file, a bad value a stage refuses) prints one line
+``dits: error: ...`` naming the file, key or path, and exits 2; ``--debug`` also prints the traceback. Any
+other exception is a bug and shows its traceback.
 
 The single-stage commands (``synthesize``, ``influence``, ``select``) build a
 :class:`~dits.stages.context.StageContext` on their ``--out`` directory and call the same stage functions
@@ -20,6 +26,7 @@ import logging
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, get_args
 
@@ -62,6 +69,7 @@ def _config_args(
                 f"--{key}",
                 *aliases.pop(key, []),
                 dest=_FLAG + key,
+                default=argparse.SUPPRESS,  # only the flags given override (`--pairs.tau null` included)
                 metavar=None if choices else "VALUE",
                 choices=choices,
                 type=str if choices or field.annotation in (str, str | None) else _yaml,
@@ -108,33 +116,42 @@ def _yaml(value: str) -> Any:
     """A flag's value as ``--set`` reads one (YAML: numbers, booleans, lists), for keys that are not text."""
     import yaml
 
-    return yaml.safe_load(value)
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a YAML value") from None
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """``--set`` items, then the ``--SECTION.KEY`` flags given."""
+    """``--set`` items, then the ``--SECTION.KEY`` flags given (every one given, whatever its value)."""
     from dits.config import parse_overrides
 
     out = parse_overrides(args.set)
-    out.update(
-        {d.removeprefix(_FLAG): v for d, v in vars(args).items() if d.startswith(_FLAG) and v is not None}
-    )
+    out.update({d.removeprefix(_FLAG): v for d, v in vars(args).items() if d.startswith(_FLAG)})
     return out
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from dits.config import ConfigError, load_config
+    from dits.config import load_config
 
-    try:
-        return load_config(getattr(args, "config", None), _overrides(args))
-    except ConfigError as err:
-        raise SystemExit(f"dits {args.command}: {err}") from None
+    return load_config(getattr(args, "config", None), _overrides(args))
+
+
+class CommandError(Exception):
+    """A command's refusal of its arguments (a missing input file, nothing to do): one line, exit 2."""
+
+
+def _adapter(path: str) -> str:
+    """``--adapter``'s directory, checked before any model is loaded."""
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise CommandError(f"--adapter {path}: not an adapter directory (no adapter_config.json)")
+    return path
 
 
 def _existing(path: str, what: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"dits: no {what} file {p}")
+        raise CommandError(f"no {what} file {p}")
     return p
 
 
@@ -179,6 +196,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     examples = examples_for(cfg.task, args.split, args.limit)
+    if not examples:
+        raise CommandError(
+            f"no {cfg.task.dataset} {args.split} tasks to evaluate (check --limit, task.{args.split})"
+        )
+    if args.adapter:
+        _adapter(args.adapter)
     engine = engine_from_config(cfg.engine)
     if args.adapter:
         # Not "eval": PEFT registers adapters as submodules, and nn.Module.eval is taken.
@@ -207,7 +230,9 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     cfg = _load(args)
     examples = examples_for(cfg.task, args.split, args.limit)
     if not examples:
-        raise SystemExit(f"no {cfg.task.dataset} {args.split} tasks to search (check task.{args.split})")
+        raise CommandError(
+            f"no {cfg.task.dataset} {args.split} tasks to search (check --limit, task.{args.split})"
+        )
     out = Path(args.out) if args.out else Path("runs") / cfg.name / "synthesize"
     with StageContext.single(cfg, out, progress=not args.no_progress) as ctx:
         product = search_stage(ctx, 0, None, ModelRef.base(cfg), examples, shard_size=args.shard_size)
@@ -225,7 +250,7 @@ def cmd_influence(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     pairs = _existing(args.pairs, "pairs")
-    model = ModelRef.adapter_dir(args.adapter) if args.adapter else ModelRef.base(cfg)
+    model = ModelRef.adapter_dir(_adapter(args.adapter)) if args.adapter else ModelRef.base(cfg)
     out = Path(args.out) if args.out else Path("runs") / cfg.name / "influence"
     try:
         with StageContext.single(cfg, out, progress=not args.no_progress) as ctx:
@@ -246,23 +271,16 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     scores = _existing(args.scores, "scores") if args.scores is not None else None
-    try:
-        summary = select_to_dir(_existing(args.pairs, "pairs"), scores, cfg.select, args.out)
-    except ValueError as err:
-        raise SystemExit(f"dits select: {err}") from None
+    summary = select_to_dir(_existing(args.pairs, "pairs"), scores, cfg.select, args.out)
     print(summary.line())
     return 0
 
 
 def _finish(cfg: Any, args: argparse.Namespace) -> int:
-    from dits.artifacts import StageChanged
     from dits.pipeline import Pipeline
     from dits.report import RESULTS_FILE, write_report
 
-    try:
-        result = Pipeline(cfg, args.runs_dir, force=args.force, progress=not args.no_progress).run()
-    except StageChanged as err:
-        raise SystemExit(str(err)) from None
+    result = Pipeline(cfg, args.runs_dir, force=args.force, progress=not args.no_progress).run()
     report = write_report(Path(result.run_dir))
     print(report.read_text(encoding="utf-8"))
     run_dir = Path(result.run_dir).resolve()
@@ -303,9 +321,12 @@ def _sub(sub: Any, name: str, help: str, doc_of: str | None = None) -> argparse.
         import importlib
 
         description = importlib.import_module(doc_of).__doc__
-    return sub.add_parser(
+    p = sub.add_parser(
         name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    # SUPPRESS: given after the command it sets args.debug, else the top-level flag's value stays.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    return p
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -319,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="dits", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     engine_flags = {"model": "engine.model", "backend": "engine.backend"}
 
@@ -389,6 +411,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DEBUG_HELP = "on an error, print the traceback too"
+
+
+class ErrorExit(SystemExit):
+    """The exit of a known error: status 2; ``str()`` is the one line printed (after ``dits: error: ``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input raises: bad config, YAML, files, datasets, stage inputs, unknown names. The
+    config/dataset errors and ``CommandError`` are ``ValueError``s or listed for the record."""
+    import yaml
+
+    from dits.artifacts import StageChanged
+    from dits.config import ConfigError
+    from dits.tasks.files import DatasetFormatError, RecordError
+
+    return (
+        ConfigError, yaml.YAMLError, StageChanged, DatasetFormatError, RecordError, CommandError,
+        FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+        ValueError,  # a stage's refusal of a value (a split name, a limit, a scores file that does not match)
+        KeyError,  # an unknown name (a registry's, an adapter's)
+    )  # fmt: skip
+
+
+def _error_line(err: BaseException) -> str:
+    """The error as one line naming what it is about."""
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        text = err.args[0]
+    elif isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.strerror or type(err).__name__}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    out = lines[0] if lines else type(err).__name__
+    for line in lines[1:]:  # "invalid config x.yaml:" then one key per line -> "...: a: ...; b: ..."
+        out += (" " if out.endswith(":") else "; ") + line
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # A polite kill (SIGTERM) exits like Ctrl-C: finalizers run, so the vllm engine's worker process is
@@ -401,7 +469,14 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _known_errors() as err:  # KeyboardInterrupt and SystemExit (SIGTERM: 143) pass through
+        if args.debug:
+            traceback.print_exc(file=sys.stderr)
+        line = _error_line(err)
+        print(f"dits: error: {line}", file=sys.stderr)
+        raise ErrorExit(line) from None
 
 
 if __name__ == "__main__":

@@ -7,11 +7,21 @@ bad value ("backend: tpu") fails at load time with the dotted key and the allowe
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import math
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
 
 from dits.engine.config import EngineConfig
 from dits.executor import ExecutorConfig
@@ -23,6 +33,7 @@ from dits.search.guided import GuideConfig
 from dits.search.mcts import SearchConfig
 from dits.search.pairs import PairConfig
 from dits.select import SelectConfig, Strategy, budget_matched, needs_scores
+from dits.tasks.example import SPLITS
 from dits.tasks.loaders import DATASETS, method_defaults
 from dits.train.config import TrainConfig
 
@@ -32,7 +43,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TaskConfig(_Section):
@@ -122,8 +133,31 @@ class PipelineConfig(_Section):
         return self
 
 
+DATASET_KEYS: tuple[str, ...] = ("train.dpo.beta", "train.sft_from", "influence.beta")
+"""The keys a run config fills when they are unset (or ``null``): ``train.dpo.beta`` and ``train.sft_from``
+from the dataset's published defaults (:mod:`dits.tasks.defaults`), ``influence.beta`` from
+``train.dpo.beta``. :meth:`RunConfig.to_yaml` writes a key it filled as ``null``, so the printed or recorded
+config, loaded with another ``task.dataset`` (or another ``train.dpo.beta``), fills it again."""
+
+
+def _plain_name(name: str) -> str:
+    """``name`` names the run's directory under the runs root: one plain path component."""
+    if (
+        not name.strip()
+        or name in (".", "..")
+        or any(c in name for c in "/\\\0")
+        or PurePosixPath(name).is_absolute()
+        or PureWindowsPath(name).drive
+    ):
+        raise ValueError(
+            f"{name!r} is not allowed; a plain name (the run's directory under the runs root): not empty, "
+            "no path separator or drive, not '.' or '..'"
+        )
+    return name
+
+
 class RunConfig(_Section):
-    name: str = "run"
+    name: Annotated[str, AfterValidator(_plain_name)] = "run"
     seed: int = 0
     engine: EngineConfig = EngineConfig()
     task: TaskConfig = TaskConfig()
@@ -140,33 +174,74 @@ class RunConfig(_Section):
     pipeline: PipelineConfig = PipelineConfig()
     executor: ExecutorConfig = ExecutorConfig()
 
-    @model_validator(mode="before")
+    _from_dataset: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    """The :data:`DATASET_KEYS` this config filled (the rest were set): written as ``null`` by ``to_yaml``."""
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _dataset_defaults(cls, data: Any) -> Any:
+    def _dataset_defaults(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> RunConfig:
         """Fill the keys whose published value depends on the dataset and that no stage can resolve from an
-        example (:mod:`dits.tasks.defaults`): ``train.dpo.beta``, ``train.sft_from`` and ``influence.beta``
-        (the DPO β unless set). A key the config sets is kept; a dataset without published defaults
-        fails here when one of them is left out."""
+        example (:data:`DATASET_KEYS`) and remember which were filled. A key the config sets is kept; a
+        dataset without published defaults fails here when one of them is left out."""
         if not isinstance(data, dict):
-            return data
-        data = {k: _unset_as_dict(v) for k, v in data.items()}
-        task = data.get("task") or {}
-        dataset = task.get("dataset", TaskConfig.model_fields["dataset"].default)
-        train = dict(data.get("train") or {})
-        dpo = dict(train.get("dpo") or {})
-        influence = dict(data.get("influence") or {})
-        if "beta" not in dpo or "sft_from" not in train:
-            try:
-                published = method_defaults(dataset)
-            except KeyError as err:  # an unknown dataset: a config error naming the key
-                raise ValueError(f"task.dataset: {err.args[0]}") from None
-            dpo.setdefault("beta", published.dpo_beta)
-            train.setdefault("sft_from", published.sft_from)
-        influence.setdefault("beta", dpo["beta"])
-        return {**data, "train": {**train, "dpo": dpo}, "influence": influence}
+            return handler(data)
+        data, filled = _fill_dataset_defaults(data)
+        cfg = handler(data)
+        cfg._from_dataset = frozenset(filled)
+        return cfg
+
+    @model_validator(mode="after")
+    def _finite(self) -> RunConfig:
+        """No NaN or infinity anywhere, also where a section does not say ``allow_inf_nan=False``
+        (``select``) and in ``task.knobs``: JSON (``config.yaml``'s numbers, stage inputs) holds neither, and
+        no key reads infinity as "unbounded"."""
+        bad = [f"{key}: must be a finite number, got {value!r}" for key, value in _leaves(self.model_dump())
+               if isinstance(value, float) and not math.isfinite(value)]  # fmt: skip
+        if bad:
+            raise ValueError("\n  ".join(bad))
+        return self
+
+    @model_validator(mode="after")
+    def _fits_the_recipe(self) -> RunConfig:
+        """Every split the recipe reads has tasks and exists in the dataset: checked here, not by the stage
+        that reads it after the stages before it ran."""
+        problems = []
+        splits = DATASETS[self.task.dataset].splits
+        for split, why in needed_splits(self).items():
+            if getattr(self.task, split) < 1:
+                problems.append(f"task.{split}: must be >= 1 (got 0): {why}")
+            if split not in splits:
+                problems.append(f"task.dataset: {self.task.dataset!r} has no {split} split, but {why}")
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    @property
+    def from_dataset(self) -> frozenset[str]:
+        """The :data:`DATASET_KEYS` this config filled rather than set."""
+        return self._from_dataset
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML, every key spelled out except the :data:`DATASET_KEYS` it filled, which are
+        ``null`` (a comment gives their values): loading the text gives this config back, and loading it
+        with another dataset fills them with that dataset's values."""
+        data = self.model_dump(mode="json")
+        values = []
+        for key in DATASET_KEYS:
+            if key in self._from_dataset:
+                *parents, leaf = key.split(".")
+                node = data
+                for part in parents:
+                    node = node[part]
+                values.append(f"{key}={node[leaf]}")
+                node[leaf] = None
+        header = ""
+        if values:
+            header = (
+                "# null: filled when loaded (train.dpo.beta, train.sft_from: the dataset's published values; "
+                f"influence.beta: train.dpo.beta)\n# here, for {self.task.dataset}: {', '.join(values)}\n"
+            )
+        return header + yaml.safe_dump(data, sort_keys=False)
 
     def sections(self, *names: str) -> dict[str, Any]:
         """The named sections as JSON data: what a stage's inputs record of the config."""
@@ -174,9 +249,74 @@ class RunConfig(_Section):
         return {n: data[n] for n in names}
 
 
+def needed_splits(cfg: RunConfig) -> dict[str, str]:
+    """``split -> what reads it``: the task splits a run of ``cfg`` reads (:mod:`dits.pipeline`)."""
+    recipe, p = cfg.pipeline.recipe, cfg.pipeline
+    stages = RECIPES[recipe]
+    readers: dict[str, list[str]] = {split: [] for split in SPLITS}
+    drawing = [s for s in ("sft-data", "search") if s in stages]
+    if drawing:
+        readers["train"].append(
+            f"pipeline.recipe {recipe!r} ({', '.join(drawing)}: task.train per iteration)"
+        )
+    scored = [m for m in p.methods if needs_scores(m)]
+    if "influence" in stages and "select" in stages and scored:
+        readers["dev"].append(f"the influence stage (pipeline.methods {scored} read influence)")
+    if "search" in stages and cfg.guide.lam != 0:
+        readers["dev"].append("the influence-guided search (guide.lam != 0)")
+    if "evaluate" in stages:
+        readers["test"].append(f"pipeline.recipe {recipe!r} (evaluate)")
+    for key, on in (("evaluate_base", p.evaluate_base), ("baselines", p.baselines), ("scaling", p.scaling)):
+        if on:
+            readers["test"].append(f"pipeline.{key}")
+    return {s: f"the {s} split is read by {', '.join(r)}" for s, r in readers.items() if r}
+
+
+def _fill_dataset_defaults(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``data`` with the unset :data:`DATASET_KEYS` filled, and those keys. A section that is not a mapping
+    (``task: 5``) or a dataset that is not a name is left for the model to report, naming the key."""
+    data = {k: _unset_as_dict(v) for k, v in data.items()}
+    task, train, influence = (data.get(k) or {} for k in ("task", "train", "influence"))
+    if not all(isinstance(s, dict) for s in (task, train, influence)):
+        return data, []
+    dpo = _unset_as_dict(train.get("dpo")) or {}
+    dataset = task.get("dataset", TaskConfig.model_fields["dataset"].default)
+    if not isinstance(dpo, dict) or not isinstance(dataset, str):
+        return data, []
+    train, dpo, influence = dict(train), dict(dpo), dict(influence)
+    filled: list[str] = []
+    if dpo.get("beta") is None or train.get("sft_from") is None:
+        try:
+            published = method_defaults(dataset)
+        except KeyError as err:  # an unknown dataset: a config error naming the key
+            raise ValueError(f"task.dataset: {err.args[0]}") from None
+        if dpo.get("beta") is None:
+            dpo["beta"] = published.dpo_beta
+            filled.append("train.dpo.beta")
+        if train.get("sft_from") is None:
+            train["sft_from"] = published.sft_from
+            filled.append("train.sft_from")
+    if influence.get("beta") is None:
+        influence["beta"] = dpo["beta"]
+        filled.append("influence.beta")
+    return {**data, "train": {**train, "dpo": dpo}, "influence": influence}, filled
+
+
 def _unset_as_dict(value: Any) -> Any:
     """A section given as a model instance, as the dict of the keys it was given (so defaults stay unset)."""
     return value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else value
+
+
+def _leaves(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of nested mappings and lists (list items by index)."""
+    items = data.items() if isinstance(data, dict) else enumerate(data)
+    out: list[tuple[str, Any]] = []
+    for key, value in items:
+        if isinstance(value, dict | list | tuple):
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -210,9 +350,23 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE with a dotted key, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted key, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"--set {key.strip()}: {value!r} is not a YAML value ({_yaml_problem(err)})"
+            ) from None
     return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line, with its line and column when it has them (not ``<unicode string>``)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -229,11 +383,23 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def read_config_file(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file's mapping, with ``base: other.yaml`` (relative to the file) resolved: the base's keys,
     then this file's laid over them (sections merge key by key), so per-dataset files hold only what
-    differs from a shared one."""
+    differs from a shared one. A missing or unreadable file or a YAML syntax error is a
+    :class:`ConfigError` naming the file (and the line)."""
     p = Path(path)
     if p.resolve() in _seen:
         raise ConfigError(f"invalid config {p}: base files form a cycle ({' -> '.join(map(str, _seen))})")
-    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"no config file {p}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"invalid config {p}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config {p}: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid config {p}: YAML syntax error at {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -256,13 +422,25 @@ def load_config(
     """Read YAML (:func:`read_config_file`, or start from ``defaults``, else the built-in defaults, when
     ``path`` is None), apply dotted ``overrides`` (``{"search.explore": 4}``), validate."""
     data: dict[str, Any] = copy.deepcopy(defaults) if defaults else {}
-    source = "(defaults + overrides)"
+    source = "(defaults + overrides)" if overrides else "(defaults)"
     if path is not None:
-        data, source = read_config_file(path), str(path)
-    for key, value in (overrides or {}).items():
-        node = data
+        data, source = read_config_file(path), f"{path} + overrides" if overrides else str(path)
+    for key, value in overrides.items() if overrides else ():
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"invalid config {source}: {key!r} is not a dotted key such as search.explore")
+        node = data
+        for depth, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, BaseModel):
+                child = node[part] = child.model_dump(exclude_unset=True)
+            if not isinstance(child, dict):
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(
+                    f"invalid config {source}: {key}: {section} is {child!r}, not a section with keys"
+                )
+            node = child
         node[leaf] = value
     return parse_config(data, source)

@@ -36,7 +36,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dits.artifacts import PAIRS_FILE, StageManifest, write_text_atomic
-from dits.config import RECIPES, RunConfig, load_config
+from dits.config import RECIPES, RunConfig, load_config, needed_splits
 from dits.engine.base import Engine
 from dits.search.pairs import keep_count
 from dits.select import budget_matched, needs_scores
@@ -225,24 +225,39 @@ class Pipeline:
         finally:
             self.ctx.close()
 
+    def _check(self) -> list[Example]:
+        """What validating the config cannot tell (:func:`dits.config.needed_splits` checked the counts),
+        checked before any work: the recipe's stages exist, the train split holds every iteration's tasks,
+        and the splits the run reads hold tasks. Returns the test tasks."""
+        cfg = self.cfg
+        unknown = [st for st in RECIPES[cfg.pipeline.recipe] if st not in STAGES]
+        if unknown:
+            raise ValueError(
+                f"pipeline.recipe {cfg.pipeline.recipe!r} names stages that do not exist: {unknown}"
+            )
+        iteration_tasks(cfg, cfg.pipeline.iterations - 1)  # raises naming the keys when the split is short
+        test = examples_for(cfg.task, "test")
+        needed = needed_splits(cfg)
+        for split in ("dev", "test"):
+            if split in needed and not (test if split == "test" else examples_for(cfg.task, split, 1)):
+                raise ValueError(
+                    f"task.{split}: the {cfg.task.dataset} {split} split holds no tasks, but {needed[split]}"
+                )
+        return test
+
     def _run(self) -> RunResult:
         cfg, ctx = self.cfg, self.ctx
+        test = self._check()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
         log.info("run %s: artifacts under %s", cfg.name, self.run_dir.resolve())
 
         base = ModelRef.base(cfg)
-        test = examples_for(cfg.task, "test")
         if cfg.pipeline.evaluate_base:
             evaluate_stage(ctx, None, None, base, test)
         for method in cfg.pipeline.baselines:
             evaluate_stage(ctx, None, method, base, test, method=method, k=5, stage="baseline")
         recipe = RECIPES[cfg.pipeline.recipe]
-        unknown = [st for st in recipe if st not in STAGES]
-        if unknown:
-            raise ValueError(
-                f"pipeline.recipe {cfg.pipeline.recipe!r} names stages that do not exist: {unknown}"
-            )
         cut = recipe.index(SHARED_UNTIL) if SHARED_UNTIL in recipe else len(recipe)
         methods: list[str | None] = (
             [None] if "select" not in recipe else list(dict.fromkeys(cfg.pipeline.methods))

@@ -26,7 +26,7 @@ from dits.tasks.loaders import method_defaults
 class RewardConfig(BaseModel):
     """Reward weights; ``None`` takes the dataset's published default (:mod:`dits.tasks.defaults`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     lambda_tok: float | None = None
     lambda_read: float | None = None

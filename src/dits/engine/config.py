@@ -33,7 +33,7 @@ BACKENDS: Registry[Backend] = Registry("engine.backend")
 
 
 class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     backend: Annotated[str, AfterValidator(BACKENDS.check)] = "hf"
     model: str = "smollm2-135m"

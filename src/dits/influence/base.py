@@ -52,7 +52,7 @@ def default_metric(example: Example, transcript: Transcript) -> float:
 class InfluenceConfig(BaseModel):
     """Influence knobs; the defaults are the reference code's probe (AdamW, lr 5e-5, c 5, V 20)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     estimator: EstimatorName = "rollout"
     chunk_size: int = Field(5, ge=1, description="c: pairs per candidate (one DPO step on the whole chunk)")

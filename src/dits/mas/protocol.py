@@ -18,7 +18,7 @@ from dits.tasks.example import AGENTS, Example
 class ProtocolConfig(BaseModel):
     """How the agents talk. Defaults are docs/design.md section 4's."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     max_turns: int = Field(10, ge=1, description="turn limit; hitting it scores the transcript as a failure")
     max_new_tokens: int = Field(64, ge=1, description="an utterance is cut at this many tokens")

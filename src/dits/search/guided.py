@@ -60,7 +60,7 @@ def _guiding(name: str) -> str:
 class GuideConfig(BaseModel):
     """Influence-guided search knobs; the defaults (λ = 0) are the plain Q-value search."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     lam: float = Field(0.0, allow_inf_nan=False, description="λ in Q + λ·Î; 0 is the Q-value search, exactly")
     estimator: Annotated[str, AfterValidator(_guiding)] = Field(

@@ -105,7 +105,7 @@ def q_value(tree: Tree, node: Node) -> float:
 class SearchConfig(BaseModel):
     """Search knobs; the defaults are Optima's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     explore: int = Field(8, ge=0, description="selection steps per tree")
     expand: int = Field(3, ge=1, description="rollouts from each selected node")

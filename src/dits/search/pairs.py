@@ -50,7 +50,7 @@ def default_tau(dataset: str) -> float:
 class PairConfig(BaseModel):
     """Pair mining knobs (docs/design.md section 6); ``tau=None`` takes the dataset's published τ."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     tau: float | None = None
     min_gap: float = Field(0.2, ge=0)

@@ -21,7 +21,7 @@ __all__ = ["DpoSettings", "LoraSettings", "SftSettings", "TrainConfig"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LoraSettings(_Section):
