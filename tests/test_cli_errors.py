@@ -252,3 +252,38 @@ def test_ctrl_c_and_sigterm_pass_through(monkeypatch, tmp_path: Path):
         with pytest.raises(caught) as info:
             main(argv)
         assert info.value is raised  # not turned into exit 2
+
+
+def test_a_second_run_on_a_locked_run_directory_stops_at_once(capsys, tmp_path: Path) -> None:
+    """Another process holds ``runs/demo``: ``dits demo`` names it in one line and touches nothing."""
+    import subprocess
+    import sys
+    import time
+
+    code = "import sys, time; from dits.artifacts import lock_dir; lock_dir(sys.argv[1]); "
+    code += "print('ok', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "demo")], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        start = time.monotonic()
+        line = _error(capsys, "demo", "--runs-dir", str(tmp_path), "--no-progress")
+        assert time.monotonic() - start < 30
+        assert f"{tmp_path / 'demo'} is in use by pid {holder.pid} on " in line
+        assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_corrupt_bookkeeping_and_a_torn_input_are_one_line_naming_the_file(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{garbage")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("")
+    line = _error(capsys, "influence", "--pairs", str(pairs), "--out", str(out), "--no-progress")
+    assert f"{out / 'manifest.json'} is not a valid manifest.json (" in line and "--force" in line
+    pairs.write_text('{"tree_task_id": "t"')  # a torn last line: never silently dropped
+    line = _error(capsys, "select", "--pairs", str(pairs), "--strategy", "q", "--out", str(tmp_path / "s"))
+    assert f"{pairs}:1: torn last line" in line

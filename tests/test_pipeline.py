@@ -112,8 +112,8 @@ def _scores_without_cost(path: Path) -> list[tuple]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrupted, tmp_path, monkeypatch):
-    import dits.stages.influence
     import dits.stages.search
+    import dits.stages.units
     import dits.train.trainer
 
     def killed(*_a, **_k):
@@ -126,18 +126,16 @@ def test_killed_run_resumes_to_the_same_artifacts(engine, one_thread, uninterrup
             _run(engine, tmp_path)
     run = tmp_path / "tiny"
     assert (run / "iter_0/search/trees.jsonl").exists() and read_manifest(run / "iter_0/search") is None
-    # 2) killed in the influence stage, after its first chunk's score was appended
-    score = dits.stages.influence.ScoreChunk.__call__
-    calls = []
+    # 2) killed in the influence stage, right after its first chunk's score was appended
+    append = dits.stages.units.append_jsonl
 
-    def once(self, bench, unit):  # type: ignore[no-untyped-def]
-        calls.append(unit)
-        if len(calls) > 1:
+    def append_then_die(path, records):  # type: ignore[no-untyped-def]
+        append(path, records)
+        if Path(path).name == "scores.jsonl":
             raise KeyboardInterrupt("killed")
-        return score(self, bench, unit)
 
     with monkeypatch.context() as m:
-        m.setattr(dits.stages.influence.ScoreChunk, "__call__", once)
+        m.setattr(dits.stages.units, "append_jsonl", append_then_die)
         with pytest.raises(KeyboardInterrupt):
             _run(engine, tmp_path)
     assert len((run / "iter_0/influence/scores.jsonl").read_text().splitlines()) == 1

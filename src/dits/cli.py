@@ -258,7 +258,7 @@ def cmd_influence(args: argparse.Namespace) -> int:
     except StageIncomplete as cut:
         print(f"influence ({cfg.influence.estimator}): {cut}")
         return 0
-    scores = read_jsonl(out / SCORES_FILE, InfluenceScore, repair=False)
+    scores = read_jsonl(out / SCORES_FILE, InfluenceScore)
     print(
         f"influence ({cfg.influence.estimator}): all {len(scores)} chunks scored; scores: {out / SCORES_FILE}"
     )
@@ -430,12 +430,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     config/dataset errors and ``CommandError`` are ``ValueError``s or listed for the record."""
     import yaml
 
-    from dits.artifacts import StageChanged
+    from dits.artifacts import RunLocked, StageChanged, StageCorrupt
     from dits.config import ConfigError
     from dits.tasks.files import DatasetFormatError, RecordError
 
     return (
-        ConfigError, yaml.YAMLError, StageChanged, DatasetFormatError, RecordError, CommandError,
+        ConfigError, yaml.YAMLError, StageChanged, StageCorrupt, RunLocked, DatasetFormatError, RecordError,
+        CommandError,
         FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
         ValueError,  # a stage's refusal of a value (a split name, a limit, a scores file that does not match)
         KeyError,  # an unknown name (a registry's, an adapter's)

@@ -181,7 +181,7 @@ def iteration_tasks(cfg: RunConfig, iteration: int) -> dict[str, list[Example]]:
     n = cfg.task.train
     stages = [st for st in TASK_STAGES if st in RECIPES[cfg.pipeline.recipe]]
     width = n * len(stages)
-    pool = examples_for(cfg.task, "train", limit=width * (iteration + 1))
+    pool = examples_for(cfg.task, "train", limit=width * (iteration + 1), up_to=True)
     if len(pool) < width * (iteration + 1):
         raise ValueError(
             f"iteration {iteration} needs train tasks {width * iteration}..{width * (iteration + 1) - 1} "

@@ -271,10 +271,7 @@ def influence_points(run_dir: Path) -> list[tuple[float, float]]:
             search_dir = folder / infl.name.replace("influence", "search", 1)
             if not (search_dir / PAIRS_FILE).exists():
                 continue
-            q = {
-                pair_key(p): p.q_chosen
-                for p in read_jsonl(search_dir / PAIRS_FILE, PreferencePair)
-            }
+            q = {pair_key(p): p.q_chosen for p in read_jsonl(search_dir / PAIRS_FILE, PreferencePair)}
             for s in read_jsonl(infl / SCORES_FILE, InfluenceScore):
                 points.extend((q[k], s.score) for k in s.pair_ids if k in q)
     return points

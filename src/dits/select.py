@@ -130,7 +130,7 @@ def budget_matched(strategy: str) -> bool:
 
 
 class SelectConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     strategy: Strategy = "mix"
     ratio: float = Field(0.5, gt=0, le=1, description="fraction of the pairs kept (at least one)")
