@@ -172,6 +172,10 @@ class _CutAfter:
     def __init__(self, inner: RayExecutor, n: int) -> None:
         self.inner, self.n = inner, n
 
+    @property
+    def setup_spent(self):  # type: ignore[no-untyped-def]
+        return self.inner.setup_spent
+
     def map(self, work, units, model=None):
         for k, result in enumerate(self.inner.map(work, units, model)):
             if k == self.n:

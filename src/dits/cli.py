@@ -188,18 +188,25 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_tasks(cfg: Any, args: argparse.Namespace, verb: str) -> list[Any]:
+    """The ``--split`` tasks a single-stage command works on (``--limit`` of them, else the config's)."""
+    from dits.tasks.source import examples_for
+
+    examples = examples_for(cfg.task, args.split, args.limit)
+    if not examples:
+        raise CommandError(
+            f"no {cfg.task.dataset} {args.split} tasks to {verb} (check --limit, task.{args.split})"
+        )
+    return examples
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dits.engine import engine_from_config
     from dits.evaluate import SAMPLED, format_table
     from dits.stages.evaluate import evaluate_to_dir
-    from dits.tasks.source import examples_for
 
     cfg = _load(args)
-    examples = examples_for(cfg.task, args.split, args.limit)
-    if not examples:
-        raise CommandError(
-            f"no {cfg.task.dataset} {args.split} tasks to evaluate (check --limit, task.{args.split})"
-        )
+    examples = _split_tasks(cfg, args, "evaluate")
     if args.adapter:
         _adapter(args.adapter)
     engine = engine_from_config(cfg.engine)
@@ -225,14 +232,9 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from dits.artifacts import SEARCH_SUMMARY_FILE
     from dits.stages.context import ModelRef, StageContext
     from dits.stages.search import SearchSummary, search_stage
-    from dits.tasks.source import examples_for
 
     cfg = _load(args)
-    examples = examples_for(cfg.task, args.split, args.limit)
-    if not examples:
-        raise CommandError(
-            f"no {cfg.task.dataset} {args.split} tasks to search (check --limit, task.{args.split})"
-        )
+    examples = _split_tasks(cfg, args, "search")
     out = Path(args.out) if args.out else Path("runs") / cfg.name / "synthesize"
     with StageContext.single(cfg, out, progress=not args.no_progress) as ctx:
         product = search_stage(ctx, 0, None, ModelRef.base(cfg), examples, shard_size=args.shard_size)
