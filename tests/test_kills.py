@@ -55,12 +55,13 @@ KILLS: list[tuple[str, Callable[[Path], bool]]] = [
     ("T_norm calibrated", _exists("iter_0/search/t_norm.json")),
     ("the first tree appended", _lines("iter_0/search/trees.jsonl")),
     ("the first influence score appended", _lines("iter_0/influence/scores.jsonl")),
-    ("the budget stage started", _exists("iter_0/budget-q-budget/stage.json")),
     ("q's DPO started", _exists("iter_0/dpo-q/stage.json")),
     ("q's evaluation started", _exists("iter_0/evaluate-q/stage.json")),
     ("mix's DPO started", _exists("iter_0/dpo-mix/stage.json")),
+    ("q-budget's extra search started", _exists("iter_0/budget-q-budget/stage.json")),
     ("the scaling curve started", _exists("base/scaling-k2/stage.json")),
 ]
+"""In the order the pipeline reaches them (lineages q, mix, then q-budget, which matches mix's cost)."""
 
 
 def _env() -> dict[str, str]:
@@ -87,6 +88,7 @@ def test_ten_sigkills_end_in_the_uninterrupted_run(tmp_path: Path) -> None:
 
     run = tmp_path / "cut" / "tiny"
     for what, moment in KILLS:
+        assert not moment(run), f"{what}: already past before this run started"
         proc = _run(config, tmp_path / "cut")
         while not moment(run) and proc.poll() is None:
             time.sleep(0.02)
