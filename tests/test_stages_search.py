@@ -200,14 +200,15 @@ def test_examples_for_dispatches_builtin_and_files(monkeypatch):
 
     seen = {}
 
-    def fake_load(dataset, split, path=None, *, seed=0, limit=None):  # type: ignore[no-untyped-def]
-        seen.update(dataset=dataset, split=split, path=path, seed=seed, limit=limit)
+    def fake_load(dataset, split, path=None, *, seed=0, limit=None, up_to=False):  # type: ignore[no-untyped-def]
+        seen.update(dataset=dataset, split=split, path=path, seed=seed, limit=limit, up_to=up_to)
         return []
 
     monkeypatch.setattr("dits.tasks.source.load_examples", fake_load)
     gsm = parse_config({"task": {"dataset": "gsm8k", "path": "/data/gsm8k", "seed": 7, "test": 9}})
     examples_for(gsm.task, "test")
-    assert seen == {"dataset": "gsm8k", "split": "test", "path": "/data/gsm8k", "seed": 7, "limit": 9}
+    assert seen == {"dataset": "gsm8k", "split": "test", "path": "/data/gsm8k", "seed": 7, "limit": 9,
+                    "up_to": False}  # fmt: skip
     with pytest.raises(ValueError, match="knobs"):
         examples_for(gsm.task.model_copy(update={"knobs": {"hops": 2}}), "test")
 

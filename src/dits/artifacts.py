@@ -362,12 +362,17 @@ def _is_temp(path: Path) -> bool:
     return path.name.startswith(".") and ".tmp" in path.name
 
 
+def _work_files(stage_dir: Path) -> Iterator[Path]:
+    """The files a stage holds besides its bookkeeping and half-written ones, in path order."""
+    for p in sorted(stage_dir.rglob("*")):
+        if p.is_file() and p.name not in _BOOKKEEPING and not _is_temp(p):
+            yield p
+
+
 def stage_files(stage_dir: Path) -> dict[str, StageFile]:
     """The files a stage holds besides its bookkeeping, with sizes and (small ones) digests."""
     out: dict[str, StageFile] = {}
-    for p in sorted(stage_dir.rglob("*")):
-        if not p.is_file() or p.name in _BOOKKEEPING or _is_temp(p):
-            continue
+    for p in _work_files(stage_dir):
         size = p.stat().st_size
         sha = hashlib.sha256(p.read_bytes()).hexdigest() if size <= DIGEST_LIMIT else None
         out[p.relative_to(stage_dir).as_posix()] = StageFile(size=size, sha256=sha)
@@ -390,9 +395,9 @@ def changed_files(stage_dir: Path, manifest: StageManifest) -> list[str]:
 
 def _remove_temp_files(stage_dir: Path, *, recursive: bool = True) -> None:
     """Half-written files a killed process left (the run's lock says none is being written now)."""
-    found = (stage_dir.rglob if recursive else stage_dir.glob)(".*.tmp*") if stage_dir.is_dir() else []
+    found = (stage_dir.rglob if recursive else stage_dir.glob)("*") if stage_dir.is_dir() else []
     for p in found:
-        if p.is_file():
+        if p.is_file() and _is_temp(p):
             p.unlink()
             log.info("removed %s, a file a stopped process did not finish writing", p)
 
@@ -416,10 +421,7 @@ def read_manifest(stage_dir: Path) -> StageManifest | None:
 
 def _has_outputs(stage_dir: Path) -> bool:
     """Whether a started stage left anything of its work (not only its bookkeeping and cost journal)."""
-    return any(
-        p.is_file() and p.name not in _BOOKKEEPING and p.name != COSTS_FILE and not _is_temp(p)
-        for p in stage_dir.rglob("*")
-    )
+    return any(p.name != COSTS_FILE for p in _work_files(stage_dir))
 
 
 def run_stage(

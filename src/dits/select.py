@@ -95,9 +95,7 @@ def _q(q: list[float], infl: list[float], cfg: SelectConfig) -> list[float]:
     return q
 
 
-@register_strategy("q-budget", budget_matched=True)
-def _q_budget(q: list[float], infl: list[float], cfg: SelectConfig) -> list[float]:
-    return q
+register_strategy("q-budget", budget_matched=True)(_q)  # ranks as q does, from the budget-matched pool
 
 
 @register_strategy("influence", reads_influence=True)

@@ -66,12 +66,12 @@ def evaluate_to_dir(
     path = out / TRANSCRIPTS_FILE
     parts = [examples[i : i + chunk] for i in range(0, len(examples), chunk)]
     units = [Unit(list(part), tuple(example_ids(part))) for part in parts]
-    done = UnitMap(units, path, EvalRecord, _example_id)
+    transcripts = UnitMap(units, path, EvalRecord, _example_id)
     t0 = time.perf_counter()
-    for _ in done.run(EvaluateChunk(method, cfg, k, seed), executor, model, engine=engine,
+    for _ in transcripts.run(EvaluateChunk(method, cfg, k, seed), executor, model, engine=engine,
                       desc=f"evaluate {method}", unit="task", progress=progress):  # fmt: skip
         pass
-    records = done.records()
+    records = transcripts.records()
     summary = summarize(records)
     write_json_atomic(out / EVAL_SUMMARY_FILE, summary.model_dump())
     log.info(

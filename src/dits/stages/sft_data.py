@@ -86,10 +86,6 @@ class SampledDialogue(BaseModel):
     transcript: Transcript
     nlls: list[float]
 
-    @property
-    def key(self) -> str:
-        return f"{self.example_id}#{self.sample}"
-
 
 class SftData(BaseModel):
     """Everything one iSFT data pass produced."""
@@ -120,8 +116,9 @@ class SampleDialogues:
                 for (ex, j, s), tr, nll in zip(part, transcripts, nlls, strict=True)]  # fmt: skip
 
 
-def _key(dialogue: SampledDialogue) -> str:
-    return dialogue.key
+def _key(example_id: str, sample: int) -> str:
+    """A sampled conversation's name in ``dialogues.jsonl`` (task and sample index)."""
+    return f"{example_id}#{sample}"
 
 
 def sample_conversations(
@@ -154,8 +151,8 @@ def sample_conversations(
     cfg = cfg or SftDataConfig()
     flat = [(ex, j, derive_seed("dits.sft", seed, ex.id, j)) for ex in examples for j in range(cfg.n_samples)]
     parts = [flat[i : i + batch] for i in range(0, len(flat), batch)]
-    units = [Unit(part, tuple(f"{ex.id}#{j}" for ex, j, _ in part)) for part in parts]
-    dialogues = UnitMap(units, store, SampledDialogue, _key)
+    units = [Unit(part, tuple(_key(ex.id, j) for ex, j, _ in part)) for part in parts]
+    dialogues = UnitMap(units, store, SampledDialogue, lambda d: _key(d.example_id, d.sample))
     work = SampleDialogues(protocol, cfg.temperature, cfg.top_p)
     for _ in dialogues.run(work, executor, model, engine=engine, initial=nll_engine, desc="sft-data",
                            unit="conv", progress=progress):  # fmt: skip

@@ -133,7 +133,7 @@ class UnitMap(Generic[P, R]):
                 last = now
                 for r in new:
                     self.done[self.key(r)] = r
-                self.spent = ledger.snapshot() - before
+                self.spent = now - before
                 bar.update(len(new))
                 yield u, new
         finally:

@@ -114,8 +114,9 @@ def read_text(path: Path) -> str:
         text = fh.read()
     match = _UNDECODABLE.search(text)
     if match:
-        line = text.count("\n", 0, match.start()) + 1
-        raise DatasetFormatError(path, f"line {line}", _not_utf8(text, match.start()))
+        raise DatasetFormatError(
+            path, f"line {_line_at(text, match.start())}", _not_utf8(text, match.start())
+        )
     return text
 
 

@@ -61,10 +61,7 @@ def examples_for(
         )
     args = (task_cfg.dataset, split, task_cfg.path)
     try:
-        if up_to:
-            return load_examples(*args, seed=task_cfg.seed, limit=n, up_to=True)
-        # (up_to is passed only when set: callers and tests that stand in for load_examples know this form)
-        return load_examples(*args, seed=task_cfg.seed, limit=n)
+        return load_examples(*args, seed=task_cfg.seed, limit=n, up_to=up_to)
     except SplitTooShortError as exc:
         asked = f"task.{canonical_split(split)} = {n}" if limit is None else f"a limit of {n}"
         detail = (

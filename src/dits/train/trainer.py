@@ -155,9 +155,12 @@ class DitsTrainer:
         return cfg.sft if cls.kind == "sft" else cfg.dpo
 
     @classmethod
-    def length_check(cls, tokenizer: Any, items: Sequence[Any], cfg: TrainConfig) -> LengthCheck:
-        """Tokenise every row as TRL will and find those that would be truncated (see ``check_lengths``)."""
-        data = cls.to_rows(items)
+    def length_check(
+        cls, tokenizer: Any, items: Sequence[Any], cfg: TrainConfig, data: Rows | None = None
+    ) -> LengthCheck:
+        """Tokenise every row as TRL will and find those that would be truncated (see ``check_lengths``);
+        ``data`` is ``to_rows(items)`` where the caller already has it."""
+        data = cls.to_rows(items) if data is None else data
         lengths = []
         for i, (item, row) in enumerate(zip(items, data, strict=True)):
             prompt, fulls = sequence_lengths(tokenizer, row["prompt"], [row[k] for k in cls.responses])
@@ -181,8 +184,8 @@ class DitsTrainer:
         charged to ``engine.ledger``."""
         from datasets import Dataset
 
-        check = cls.length_check(engine.tokenizer, items, cfg)
         data = cls.to_rows(items)
+        check = cls.length_check(engine.tokenizer, items, cfg, data)
         dataset = Dataset.from_list([data[i] for i in check.kept])
         with (
             tempfile.TemporaryDirectory(prefix=f"dits-{cls.kind}-") as work,
