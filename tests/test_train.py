@@ -65,7 +65,11 @@ def noisy_adapter(engine):
     from peft import LoraConfig
 
     name = _name("noisy")
-    engine.add_adapter(name, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    # PEFT draws lora_A from the global generator: seeded, so every run starts from the same adapter
+    # (unseeded, the margin test failed in 1 of 5 runs here).
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        engine.add_adapter(name, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in engine.adapter_parameters(name).items():
